@@ -1,0 +1,38 @@
+"""implicit_compiler: SymPy implicit layers compiled to Numba kernels and PyTorch autograd.
+
+Write ``F(y, theta) = 0`` (or ``y = g(y, theta)``) in SymPy, compile it, and use the
+result as a differentiable PyTorch layer whose backward pass is the implicit
+function theorem.
+"""
+
+from ._version import __version__
+from .compiler import compile
+from .errors import (
+    ConvergenceError,
+    ImplicitCompilerError,
+    InputError,
+    StructuralSingularityError,
+    SystemDefinitionError,
+)
+from .runtime.kernels import SolveResult
+from .runtime.options import SolverOptions
+from .runtime.status import Status
+from .symbolic.system import FixedPoint, ResidualSystem
+from .torch.module import ImplicitLayer, SolveInfo
+
+__all__ = [
+    "__version__",
+    "compile",
+    "ResidualSystem",
+    "FixedPoint",
+    "ImplicitLayer",
+    "SolveInfo",
+    "SolveResult",
+    "SolverOptions",
+    "Status",
+    "ImplicitCompilerError",
+    "SystemDefinitionError",
+    "StructuralSingularityError",
+    "InputError",
+    "ConvergenceError",
+]

@@ -1,0 +1,1 @@
+"""Code generation: SymPy expressions to a Numba kernel module on disk."""

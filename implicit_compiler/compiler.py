@@ -1,0 +1,72 @@
+"""``compile``: symbolic system -> generated module on disk -> torch layer."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from .codegen import cache
+from .codegen.emit import emit_module
+from .runtime.options import SolverOptions
+from .torch.module import ImplicitLayer
+
+
+def _progress(verbose: bool, msg: str) -> None:
+    if verbose:
+        print(f"[implicit_compiler] {msg}", file=sys.stderr, flush=True)
+
+
+def compile(system, *, cache_dir=None, verbose: bool = False, warmup: bool = True, **options) -> ImplicitLayer:
+    """Compile a :class:`ResidualSystem` (or :class:`FixedPoint`) into an :class:`ImplicitLayer`.
+
+    The generated module is stored in the kernel cache (``cache_dir``, else
+    ``$IMPLICIT_COMPILER_CACHE``, else ``~/.cache/implicit_compiler``); a later
+    compile of the same system, in this or any process, imports it without
+    deriving anything, and Numba loads its machine code from disk.
+
+    ``options`` are :class:`SolverOptions` fields (``tol``, ``max_iter``,
+    ``on_failure``, ``method``, ...). ``verbose`` reports progress on stderr.
+    ``warmup`` compiles (or loads) the forward and backward kernels now rather than on the first call.
+    """
+    opts = SolverOptions(**options)
+    report = {}
+    t0 = time.perf_counter()
+    key = cache.module_key(system.content_hash())
+    path = cache.module_path(key, cache_dir)
+    report["path"] = str(path)
+    report["cache_hit"] = path.exists()
+
+    def source():
+        _progress(verbose, f"deriving Jacobians of {system!r}")
+        t = time.perf_counter()
+        deriv = system.derivation
+        report["derive_seconds"] = time.perf_counter() - t
+        _progress(verbose, f"generating code ({deriv.factorization} factorisation)")
+        t = time.perf_counter()
+        src = emit_module(deriv, system.layout(), key)
+        report["codegen_seconds"] = time.perf_counter() - t
+        return src
+
+    report["written"] = cache.write_module(path, source)
+    t = time.perf_counter()
+    module = cache.load_module(path)
+    layer = ImplicitLayer(module, opts, system=system, compile_report=report)
+    if warmup:
+        _progress(verbose, f"compiling kernels with Numba ({path.name})")
+        warm(layer)
+    report["load_seconds"] = time.perf_counter() - t
+    report["total_seconds"] = time.perf_counter() - t0
+    _progress(verbose, f"ready in {report['total_seconds']:.2f} s")
+    return layer
+
+
+def warm(layer: ImplicitLayer) -> None:
+    """Compile (or load from Numba's cache) the kernels with the signatures calls use."""
+    import numpy as np
+
+    k = layer.kernels
+    P = np.zeros((1, k.m))
+    Y0 = np.zeros((1, k.n))
+    method = layer.options.method or layer.layout.get("default_method", "newton")
+    res = k.solve(P, Y0, layer.options.replace(max_iter=0, method=method))
+    k.vjp(res, np.zeros((1, k.n)), np.ones(len(layer.layout["param_groups"]), dtype=np.bool_))

@@ -1,0 +1,5 @@
+"""Numba building blocks called by generated kernel modules.
+
+Nothing in this package imports SymPy or torch: a generated module needs only
+numpy, numba and these files, which is what makes standalone export possible.
+"""

@@ -1,0 +1,77 @@
+"""Per-sample solver status codes and their user-facing messages.
+
+Kernels write one ``int8`` code per sample; :class:`Status` turns it into a
+message that says what happened and what to try.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+CONVERGED = 0
+MAX_ITERATIONS = 1
+SINGULAR_JACOBIAN = 2
+NONFINITE = 3
+LINE_SEARCH_FAILED = 4
+SINGULAR_AT_SOLUTION = 5
+INFEASIBLE = 6
+UNBOUNDED = 7
+
+
+class Status(enum.IntEnum):
+    """Outcome of one sample's solve. ``CONVERGED`` is the only success."""
+
+    CONVERGED = CONVERGED
+    MAX_ITERATIONS = MAX_ITERATIONS
+    SINGULAR_JACOBIAN = SINGULAR_JACOBIAN
+    NONFINITE = NONFINITE
+    LINE_SEARCH_FAILED = LINE_SEARCH_FAILED
+    SINGULAR_AT_SOLUTION = SINGULAR_AT_SOLUTION
+    INFEASIBLE = INFEASIBLE
+    UNBOUNDED = UNBOUNDED
+
+    @property
+    def message(self) -> str:
+        return _MESSAGES[self]
+
+
+_MESSAGES = {
+    Status.CONVERGED: "converged",
+    Status.MAX_ITERATIONS: (
+        "reached the iteration cap without meeting the tolerance; raise max_iter, "
+        "loosen tol, or give a better initial guess y0"
+    ),
+    Status.SINGULAR_JACOBIAN: (
+        "dF/dy became singular at an iterate, so Newton cannot take a step; "
+        "try another initial guess y0"
+    ),
+    Status.NONFINITE: (
+        "a parameter, the initial guess or the residual at it is NaN or inf; "
+        "check the inputs of this sample"
+    ),
+    Status.LINE_SEARCH_FAILED: (
+        "the line search could not reduce ||F||^2 (a local minimum of the residual "
+        "norm that is not a root: the system may have no solution here)"
+    ),
+    Status.SINGULAR_AT_SOLUTION: (
+        "converged to a point where dF/dy is singular, so the implicit gradient "
+        "dy/dtheta does not exist there (a degenerate root)"
+    ),
+    Status.INFEASIBLE: "the constraints could not be satisfied (the problem looks infeasible)",
+    Status.UNBOUNDED: "the objective decreased without bound (the problem looks unbounded)",
+}
+
+
+def summarize(status: np.ndarray, limit: int = 10) -> str:
+    """One paragraph naming how many samples failed, which, and why."""
+    status = np.asarray(status).reshape(-1)
+    bad = np.flatnonzero(status != CONVERGED)
+    lines = [f"{bad.size} of {status.size} samples did not converge."]
+    for code in np.unique(status[bad]):
+        idx = np.flatnonzero(status == code)
+        shown = ", ".join(str(i) for i in idx[:limit])
+        more = f" and {idx.size - limit} more" if idx.size > limit else ""
+        lines.append(f"  samples [{shown}{more}]: {Status(int(code)).name}: {Status(int(code)).message}")
+    return "\n".join(lines)

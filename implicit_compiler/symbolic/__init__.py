@@ -1,0 +1,1 @@
+"""User-facing symbolic definitions: residual systems, fixed points, problems."""

@@ -1,0 +1,270 @@
+"""``ImplicitLayer``: the ``nn.Module`` returned by :func:`implicit_compiler.compile`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConvergenceError, InputError
+from ..runtime import status as st
+from ..runtime.kernels import Kernels, SolveResult
+from ..runtime.options import SolverOptions
+from .function import ImplicitFunction
+from .shapes import batch_size, check_finite_dtype, pack, to_numpy
+
+
+@dataclass
+class SolveInfo:
+    """Per-sample diagnostics of one call (tensors of shape ``(B,)``)."""
+
+    status: torch.Tensor
+    iterations: torch.Tensor
+    residual_norm: torch.Tensor
+
+    @property
+    def converged(self) -> torch.Tensor:
+        return self.status == st.CONVERGED
+
+    def summary(self) -> str:
+        return st.summarize(self.status.numpy())
+
+
+class _Call:
+    """Everything one forward call needs; kept by autograd for the backward."""
+
+    __slots__ = ("kernels", "options", "param_groups", "unknown_groups", "params", "batched",
+                 "B", "P", "Y0", "dtype", "device", "squeeze", "layer", "result")
+
+    def run(self) -> SolveResult:
+        res = self.kernels.solve(self.P, self.Y0, self.options)
+        self.result = res
+        status = res.status
+        if status.any():
+            bad = status != st.CONVERGED
+            policy = self.options.on_failure
+            if policy == "raise":
+                raise ConvergenceError(
+                    st.summarize(status)
+                    + "\n(on_failure='nan' or 'keep' returns the failed samples instead of raising)",
+                    status,
+                )
+            if policy == "nan":
+                res.y[bad] = np.nan
+        if self.layer is not None:
+            self.layer._remember(res)
+        return res
+
+    def outputs(self, Y: np.ndarray) -> tuple:
+        outs = []
+        B = self.B
+        for grp in self.unknown_groups:
+            off, size = grp["offset"], len(grp["symbols"])
+            blk = Y if len(self.unknown_groups) == 1 else np.ascontiguousarray(Y[:, off:off + size])
+            t = torch.from_numpy(blk)
+            shape = tuple(grp["shape"]) if self.squeeze else (B, *grp["shape"])
+            t = t.reshape(shape)
+            if t.dtype != self.dtype:
+                t = t.to(self.dtype)
+            if self.device.type != "cpu":
+                t = t.to(self.device)
+            outs.append(t)
+        return tuple(outs)
+
+
+class ImplicitLayer(torch.nn.Module):
+    """A compiled implicit layer: ``y = layer(*params)`` with ``F(y, params) = 0``.
+
+    Call it with one tensor per parameter group, positionally (in the order the
+    groups were declared) or by group name. Each group of shape ``s`` takes a
+    ``(B, *s)`` tensor or an unbatched ``s`` tensor shared across the batch (its
+    gradient is summed over the batch). It returns one tensor per unknown group
+    (a single tensor when there is one group), in the promoted dtype of the
+    inputs; the solve runs in float64 on the CPU (CUDA inputs are copied to the
+    CPU and results copied back to the input's device).
+
+    Keyword arguments of a call: ``y0`` (initial guess: flat ``(n,)`` or ``(B, n)``,
+    or a dict by unknown group), ``return_info=True`` to also get a
+    :class:`SolveInfo`. Solver options (:class:`SolverOptions`) are set at
+    compile time or with :meth:`configure`.
+    """
+
+    def __init__(self, module, options: SolverOptions | None = None, system=None, compile_report=None):
+        super().__init__()
+        self.kernels = Kernels(module)
+        self.layout = module.LAYOUT
+        self.options = options or SolverOptions()
+        self.system = system
+        self.compile_report = compile_report or {}
+        self._param_groups = self.layout["param_groups"]
+        self._unknown_groups = self.layout["unknown_groups"]
+        self._param_names = [g["name"] for g in self._param_groups]
+        self._default_y0 = np.asarray(self.layout["initial_guess"], dtype=np.float64)
+        self._last = None
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def function(self) -> type[torch.autograd.Function]:
+        """The ``torch.autograd.Function`` this layer applies."""
+        return ImplicitFunction
+
+    @property
+    def path(self) -> Path:
+        """The generated kernel module on disk."""
+        return Path(self.kernels.module.__file__)
+
+    @property
+    def source(self) -> str:
+        """Source of the generated kernel module."""
+        return self.path.read_text()
+
+    @property
+    def derivation(self):
+        if self.system is None:
+            raise AttributeError("this layer was loaded without its symbolic system")
+        return self.system.derivation
+
+    @property
+    def param_names(self) -> list[str]:
+        return list(self._param_names)
+
+    @property
+    def unknown_names(self) -> list[str]:
+        return [g["name"] for g in self._unknown_groups]
+
+    def configure(self, **options) -> ImplicitLayer:
+        """Change solver options in place (see :class:`SolverOptions`); returns ``self``."""
+        self.options = self.options.replace(**options)
+        if not self.options.warm_start:
+            self._last = None
+        return self
+
+    def extra_repr(self) -> str:
+        ins = ", ".join(f"{g['name']}{tuple(g['shape'])}" for g in self._param_groups)
+        outs = ", ".join(f"{g['name']}{tuple(g['shape'])}" for g in self._unknown_groups)
+        return f"{self.layout['name']}: ({ins}) -> ({outs}), {self.layout['kind']}"
+
+    # ------------------------------------------------------------------ calling
+    def _bind(self, args, kwargs) -> list:
+        groups = self._param_groups
+        if len(args) > len(groups):
+            raise InputError(
+                f"{self.layout['name']} takes {len(groups)} parameter argument(s) "
+                f"({', '.join(self._param_names) or 'none'}), got {len(args)}"
+            )
+        bound = list(args) + [None] * (len(groups) - len(args))
+        for k, v in kwargs.items():
+            if k not in self._param_names:
+                raise InputError(f"unknown argument {k!r}; the parameter groups are {self._param_names}")
+            i = self._param_names.index(k)
+            if bound[i] is not None:
+                raise InputError(f"parameter group {k!r} given twice (positionally and by name)")
+            bound[i] = v
+        missing = [g["name"] for g, b in zip(groups, bound) if b is None]
+        if missing:
+            raise InputError(f"missing parameter group(s) {missing}; the layer takes {self._param_names}")
+        return bound
+
+    def _initial(self, y0, B: int) -> np.ndarray:
+        n = self.kernels.n
+        if y0 is None:
+            last = self._last
+            if self.options.warm_start and last is not None and last[0].shape[0] == B:
+                return last[0]
+            return np.broadcast_to(self._default_y0, (B, n)).copy()
+        if isinstance(y0, dict):
+            Y0 = np.broadcast_to(self._default_y0, (B, n)).copy()
+            for grp in self._unknown_groups:
+                if grp["name"] in y0:
+                    a = to_numpy(y0[grp["name"]]).astype(np.float64)
+                    size = len(grp["symbols"])
+                    bs = a.size // size if size else 0
+                    if a.size not in (size, B * size):
+                        raise InputError(
+                            f"y0[{grp['name']!r}] has {a.size} values; expected {size} (shared) or "
+                            f"{B}x{size} (per sample)"
+                        )
+                    Y0[:, grp["offset"]:grp["offset"] + size] = a.reshape(bs, size)
+            unknown = set(y0) - {g["name"] for g in self._unknown_groups}
+            if unknown:
+                raise InputError(f"y0 names unknown group(s) {sorted(unknown)}")
+            return Y0
+        a = to_numpy(y0).astype(np.float64, copy=False)
+        if a.shape == (n,):
+            return np.ascontiguousarray(np.broadcast_to(a, (B, n)))
+        if a.shape == (B, n):
+            return np.ascontiguousarray(a)
+        raise InputError(f"y0 must have shape ({n},) or ({B}, {n}) for this call, got {tuple(a.shape)}")
+
+    def _remember(self, res: SolveResult) -> None:
+        if self.options.warm_start:
+            Y0 = self._last[0] if self._last is not None and self._last[0].shape == res.y.shape else None
+            y = res.y.copy()
+            bad = res.status != st.CONVERGED
+            if bad.any():
+                y[bad] = Y0[bad] if Y0 is not None else self._default_y0
+            self._last = (y,)
+
+    def _prepare(self, args, kwargs, y0) -> _Call:
+        tensors = self._bind(args, kwargs)
+        groups = self._param_groups
+        for g, t in zip(groups, tensors):
+            check_finite_dtype(t, f"parameter group {g['name']!r}")
+        B, batched = batch_size(groups, tensors, "parameter group")
+        call = _Call()
+        call.kernels = self.kernels
+        call.options = self.options
+        call.param_groups = groups
+        call.unknown_groups = self._unknown_groups
+        call.params = tensors
+        call.batched = batched
+        call.B = B
+        call.squeeze = not any(batched)
+        call.P = pack(groups, [to_numpy(t) for t in tensors], B, batched, self.kernels.m)
+        call.Y0 = self._initial(y0, B)
+        torch_ts = [t for t in tensors if isinstance(t, torch.Tensor)]
+        dtype = torch.float64
+        if torch_ts:
+            dtype = torch_ts[0].dtype
+            for t in torch_ts[1:]:
+                dtype = torch.promote_types(dtype, t.dtype)
+        call.dtype = dtype
+        call.device = torch_ts[0].device if torch_ts else torch.device("cpu")
+        call.layer = self
+        return call
+
+    def forward(self, *args, y0=None, return_info: bool = False, **kwargs):
+        call = self._prepare(args, kwargs, y0)
+        for g, t in zip(self._param_groups, call.params):
+            if not isinstance(t, torch.Tensor):
+                raise InputError(
+                    f"parameter group {g['name']!r} is a {type(t).__name__}; the torch layer takes "
+                    f"tensors (use layer.solve(...) for NumPy arrays)"
+                )
+        outs = ImplicitFunction.apply(call, *call.params)
+        result = outs[0] if len(outs) == 1 else outs
+        if return_info:
+            res = call.result
+            info = SolveInfo(torch.from_numpy(res.status), torch.from_numpy(res.iterations),
+                             torch.from_numpy(res.residual_norm))
+            return result, info
+        return result
+
+    def solve(self, *args, y0=None, **kwargs) -> SolveResult:
+        """NumPy entry point, no autograd: returns a :class:`SolveResult` and never
+        raises on non-convergence (read ``.status``). Outputs are flat ``(B, n)``;
+        :meth:`split` turns them into per-group arrays."""
+        call = self._prepare(args, kwargs, y0)
+        call.layer = None
+        res = self.kernels.solve(call.P, call.Y0, self.options)
+        self._remember(res)
+        return res
+
+    def split(self, Y: np.ndarray) -> dict:
+        """Per-unknown-group views of a flat ``(B, n)`` solution."""
+        return {
+            g["name"]: Y[:, g["offset"]:g["offset"] + len(g["symbols"])].reshape(Y.shape[0], *g["shape"])
+            for g in self._unknown_groups
+        }
