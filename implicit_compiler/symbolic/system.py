@@ -16,6 +16,7 @@ from functools import cached_property
 import numpy as np
 import sympy as sp
 from sympy.core.function import AppliedUndef
+from sympy.logic.boolalg import BooleanAtom, BooleanFunction
 
 from ..derive.structure import hall_violator, maximum_matching
 from ..errors import StructuralSingularityError, SystemDefinitionError
@@ -44,7 +45,7 @@ def _as_expr(r, i: int) -> sp.Expr:
             f"residual {i} is a {type(r).__name__} ({r!r}), not a SymPy expression; "
             f"build residuals from sympy Symbols"
         )
-    if not isinstance(r, sp.Expr) or isinstance(r, sp.logic.boolalg.Boolean):
+    if not isinstance(r, sp.Expr) or isinstance(r, (BooleanAtom, BooleanFunction)):
         raise SystemDefinitionError(f"residual {i} ({r}) is not a scalar SymPy expression")
     return r
 
