@@ -4,6 +4,7 @@ Run by hand (not part of CI), from the repository root::
 
     python benchmarks/bench_core.py            # full run (several minutes on a cold kernel cache)
     python benchmarks/bench_core.py --quick    # fewer repeats, smaller largest batch
+    python benchmarks/bench_core.py --threading-layer workqueue   # pick the Numba threading layer
 
 The package is imported from the repository (the script puts the repository root
 on ``sys.path``). Compiled layers go to the usual kernel cache
@@ -57,6 +58,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import numba  # noqa: E402
 import sympy as sp  # noqa: E402
 import torch  # noqa: E402
 from numba import get_num_threads, njit, prange  # noqa: E402
@@ -446,6 +448,19 @@ class BratuNumbaFunction(torch.autograd.Function):
         return torch.from_numpy(LBAR).reshape(ctx.shape)
 
 
+@njit(cache=True, parallel=True)
+def empty_parallel_kernel(a):
+    for i in prange(a.shape[0]):
+        a[i] += 1.0
+
+
+def parallel_launch_overhead(repeat: int) -> float:
+    """Seconds for one launch of a trivial prange kernel (the floor of every parallel Numba call)."""
+    a = np.zeros(2)
+    empty_parallel_kernel(a)
+    return best_time(lambda: empty_parallel_kernel(a), repeat)
+
+
 # ====================================================================== systems
 def appendix_system():
     x = sp.Symbol("x")
@@ -705,13 +720,21 @@ def bench_compile(table: Table) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and a largest appendix batch of 1e4")
+    ap.add_argument("--threading-layer", choices=("omp", "tbb", "workqueue"), default=None,
+                    help="Numba threading layer (default: Numba's own choice); also passed to the compile subprocesses")
     args = ap.parse_args(argv)
+    if args.threading_layer:
+        numba.config.THREADING_LAYER = args.threading_layer
+        os.environ["NUMBA_THREADING_LAYER"] = args.threading_layer
     repeat = 3 if args.quick else 7
     batches = (1, 1_000, 10_000) if args.quick else (1, 1_000, 100_000)
     rng = np.random.default_rng(0)
 
+    launch = parallel_launch_overhead(repeat)
     print(f"implicit_compiler {ic.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"numba threads {get_num_threads()}, python {sys.version.split()[0]}")
+          f"numba {numba.__version__} ({get_num_threads()} threads, {numba.threading_layer()} layer), "
+          f"python {sys.version.split()[0]}")
+    print(f"launch of an empty prange kernel: {fmt_time(launch)} (floor for every parallel Numba call here)")
     print(f"tol={TOL:g}, xtol={XTOL:g}, max_iter={MAX_ITER}; times: min over {repeat} timeit repeats, fwd+bwd")
 
     t = time.perf_counter()

@@ -22,7 +22,7 @@ def test_cos_fixed_point_against_reference(cos_layer, method):
     y, info = cos_layer(ts, return_info=True)
     assert info.converged.all()
     for k, t in enumerate(ts.detach().numpy().ravel()):
-        ref = brentq(lambda v: v - np.cos(t * v), 0.0, 1.0, xtol=1e-15)
+        ref = brentq(lambda v, t=t: v - np.cos(t * v), 0.0, 1.0, xtol=1e-15)
         assert y[k, 0].item() == pytest.approx(ref, abs=1e-10)
     y.sum().backward()
     # dy/dt = -y sin(t y) / (1 + t sin(t y))

@@ -32,7 +32,8 @@ def test_kepler_equation_closed_form_derivatives():
     es = torch.tensor([0.1, 0.5, 0.9, 0.7], dtype=torch.float64, requires_grad=True)
     Es = layer(Ms, es, y0={"E": Ms.detach()})
     for k in range(4):
-        ref = brentq(lambda t: t - es[k].item() * math.sin(t) - Ms[k].item(), -10, 10, xtol=1e-15)
+        ek, Mk = es[k].item(), Ms[k].item()
+        ref = brentq(lambda t, ek=ek, Mk=Mk: t - ek * math.sin(t) - Mk, -10, 10, xtol=1e-15)
         assert Es[k].item() == pytest.approx(ref, abs=1e-12)
     Es.sum().backward()
     Ed = Es.detach()

@@ -54,7 +54,8 @@ def test_unknown_in_no_residual_is_structurally_singular():
 def test_no_perfect_matching_names_residuals_and_unknowns():
     # F0 and F1 both involve only y, so one of z, w can never be determined.
     w = sp.Symbol("w")
-    with pytest.raises(StructuralSingularityError, match=r"the 2 residuals \[F0: .*; F1: .*\] together involve only the 1"):
+    msg = r"the 2 residuals \[F0: .*; F1: .*\] together involve only the 1"
+    with pytest.raises(StructuralSingularityError, match=msg):
         ic.ResidualSystem([y - x, y**2 - 2 * x, y + z + w], unknowns=[y, z, w], params=[x])
 
 
