@@ -68,5 +68,7 @@ def warm(layer: ImplicitLayer) -> None:
     P = np.zeros((1, k.m))
     Y0 = np.zeros((1, k.n))
     method = layer.options.method or layer.layout.get("default_method", "newton")
-    res = k.solve(P, Y0, layer.options.replace(max_iter=0, method=method))
-    k.vjp(res, np.zeros((1, k.n)), np.ones(len(layer.layout["param_groups"]), dtype=np.bool_))
+    need = np.ones(len(layer.layout["param_groups"]), dtype=np.bool_)
+    for threshold in (2, 1):  # serial, then parallel build
+        res = k.solve(P, Y0, layer.options.replace(max_iter=0, method=method, parallel_threshold=threshold))
+        k.vjp(res, np.zeros((1, k.n)), need, threshold)

@@ -221,7 +221,8 @@ def emit_module(derivation, layout: dict, key: str, options: dict | None = None)
     for sec in sections:
         out.append("\n".join(sec) + "\n")
     template = resources.files("implicit_compiler.codegen").joinpath("templates", "drivers.py.txt").read_text()
-    out.append(template)
+    for suffix, parallel in (("serial", "False"), ("parallel", "True")):
+        out.append(template.replace("{suffix}", suffix).replace("{parallel}", parallel))
     return "\n\n".join(out).rstrip() + "\n"
 
 

@@ -55,17 +55,20 @@ class Kernels:
         PIV = np.zeros((B, n + 1), dtype=np.int64)
         STATUS = np.empty(B, dtype=np.int8)
         INFO = np.empty((B, 2))
+        suffix = "parallel" if B >= options.parallel_threshold else "serial"
         method = options.method or self.layout.get("default_method", "newton")
         if method == "newton":
-            self.module.newton_batch(Y0, P, float(options.tol), float(options.xtol), int(options.max_iter),
+            fn = getattr(self.module, "newton_batch_" + suffix)
+            fn(Y0, P, float(options.tol), float(options.xtol), int(options.max_iter),
                float(options.singular_tol), Y, LU, PIV, STATUS, INFO)
         else:
             memory = 0 if method == "picard" else int(options.anderson_memory)
-            self.module.fixed_point_batch(Y0, P, float(options.tol), int(options.max_iter), float(options.singular_tol),
+            fn = getattr(self.module, "fixed_point_batch_" + suffix)
+            fn(Y0, P, float(options.tol), int(options.max_iter), float(options.singular_tol),
                memory, Y, LU, PIV, STATUS, INFO)
         return SolveResult(Y, STATUS, INFO[:, 0].astype(np.int64), INFO[:, 1], P, LU, PIV)
 
-    def vjp(self, res: SolveResult, Ybar: np.ndarray, need: np.ndarray):
+    def vjp(self, res: SolveResult, Ybar: np.ndarray, need: np.ndarray, parallel_threshold: int = 32):
         """``-(dF/dtheta)^T (dF/dy)^{-T} Ybar`` per converged sample, ``(B, m)``; zero elsewhere.
 
         ``need[g]`` selects the parameter groups whose columns are computed; the
@@ -73,10 +76,11 @@ class Kernels:
         """
         B = Ybar.shape[0]
         PBAR = np.empty((B, self.m))
-        self.module.vjp_batch(res.y, res.p, res.lu, res.piv, res.status, Ybar, need, PBAR)
+        suffix = "parallel" if B >= parallel_threshold else "serial"
+        getattr(self.module, "vjp_batch_" + suffix)(res.y, res.p, res.lu, res.piv, res.status, Ybar, need, PBAR)
         return PBAR
 
     def residual(self, Y: np.ndarray, P: np.ndarray) -> np.ndarray:
         out = np.empty_like(Y)
-        self.module.residual_batch(Y, P, out)
+        self.module.residual_batch_serial(Y, P, out)
         return out

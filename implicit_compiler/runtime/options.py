@@ -33,6 +33,9 @@ class SolverOptions:
         ``"keep"``: failed samples return their last iterate and a zero gradient.
     warm_start
         Start each call from the previous call's solution (same batch size, converged samples).
+    parallel_threshold
+        Batches at least this large run on all cores (``prange`` over chunks of 64
+        samples); smaller ones run on the calling thread.
     """
 
     tol: float = 1e-10
@@ -43,6 +46,7 @@ class SolverOptions:
     anderson_memory: int = 5
     on_failure: str = "raise"
     warm_start: bool = False
+    parallel_threshold: int = 32
 
     def __post_init__(self):
         if self.on_failure not in FAILURE_POLICIES:

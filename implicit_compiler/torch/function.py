@@ -50,7 +50,7 @@ class ImplicitFunction(torch.autograd.Function):
             if a.device.type != "cpu":
                 a = a.cpu()
             ybar[:, grp["offset"]:grp["offset"] + len(grp["symbols"])] = a.numpy().reshape(B, -1)
-        pbar = call.kernels.vjp(res, ybar, need)
+        pbar = call.kernels.vjp(res, ybar, need, call.options.parallel_threshold)
         if call.options.on_failure == "nan":
             pbar[res.status != st.CONVERGED] = np.nan
         out = [None]
