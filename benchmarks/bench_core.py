@@ -448,19 +448,6 @@ class BratuNumbaFunction(torch.autograd.Function):
         return torch.from_numpy(LBAR).reshape(ctx.shape)
 
 
-@njit(cache=True, parallel=True)
-def empty_parallel_kernel(a):
-    for i in prange(a.shape[0]):
-        a[i] += 1.0
-
-
-def parallel_launch_overhead(repeat: int) -> float:
-    """Seconds for one launch of a trivial prange kernel (the floor of every parallel Numba call)."""
-    a = np.zeros(2)
-    empty_parallel_kernel(a)
-    return best_time(lambda: empty_parallel_kernel(a), repeat)
-
-
 # ====================================================================== systems
 def appendix_system():
     x = sp.Symbol("x")
@@ -555,10 +542,10 @@ class Table:
         self.rows.append((case, impl, fmt_time(seconds), ratio, diff, target))
 
     def note(self, case, impl, text):
-        self.rows.append((case, impl, text, "", "", ""))
+        self.rows.append((case, impl, "-", "", "", text))
 
     def print(self):
-        head = ("case", "implementation", "time", "ref/ours", "max|dy| / max|dgrad|", "target")
+        head = ("case", "implementation", "time", "ref/ours", "max|dy| / max|dgrad|", "target / note")
         widths = [max(len(str(r[i])) for r in [head, *self.rows]) for i in range(len(head))]
         line = "  ".join("-" * w for w in widths)
         print(line)
@@ -730,11 +717,9 @@ def main(argv=None) -> None:
     batches = (1, 1_000, 10_000) if args.quick else (1, 1_000, 100_000)
     rng = np.random.default_rng(0)
 
-    launch = parallel_launch_overhead(repeat)
     print(f"implicit_compiler {ic.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"numba {numba.__version__} ({get_num_threads()} threads, {numba.threading_layer()} layer), "
           f"python {sys.version.split()[0]}")
-    print(f"launch of an empty prange kernel: {fmt_time(launch)} (floor for every parallel Numba call here)")
     print(f"tol={TOL:g}, xtol={XTOL:g}, max_iter={MAX_ITER}; times: min over {repeat} timeit repeats, fwd+bwd")
 
     t = time.perf_counter()
