@@ -39,6 +39,14 @@ class SolveResult:
         return st.summarize(self.status)
 
 
+def _kernel_array(a: np.ndarray) -> np.ndarray:
+    """C-contiguous, writable float64: the one array type the kernels are compiled for
+    (a read-only or strided view would make Numba compile a second specialisation)."""
+    if a.dtype == np.float64 and a.flags.c_contiguous and a.flags.writeable:
+        return a
+    return np.array(a, dtype=np.float64, order="C")
+
+
 class Kernels:
     def __init__(self, module):
         self.module = module
@@ -47,7 +55,9 @@ class Kernels:
         self.m = module.M
 
     def solve(self, P: np.ndarray, Y0: np.ndarray, options: SolverOptions) -> SolveResult:
-        """Solve every sample. ``P``: ``(B, m)``, ``Y0``: ``(B, n)``, C-contiguous float64."""
+        """Solve every sample. ``P``: ``(B, m)``, ``Y0``: ``(B, n)`` (float64)."""
+        P = _kernel_array(P)
+        Y0 = _kernel_array(Y0)
         B = P.shape[0]
         n = self.n
         Y = np.empty((B, n))

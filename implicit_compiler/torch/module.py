@@ -193,7 +193,7 @@ class ImplicitLayer(torch.nn.Module):
             return Y0
         a = to_numpy(y0).astype(np.float64, copy=False)
         if a.shape == (n,):
-            return np.ascontiguousarray(np.broadcast_to(a, (B, n)))
+            return np.tile(a, (B, 1))
         if a.shape == (B, n):
             return np.ascontiguousarray(a)
         raise InputError(f"y0 must have shape ({n},) or ({B}, {n}) for this call, got {tuple(a.shape)}")
