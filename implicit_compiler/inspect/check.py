@@ -262,7 +262,10 @@ def check(layer, params=None, *, y0=None, random_points: int = 3, seed: int = 0,
     verbose, file
         Print the verdict (to ``file``, default stdout).
 
-    Returns a :class:`Certificate` (truthy when everything passed).
+    Returns
+    -------
+    Certificate
+        Every comparison and note; truthy when everything passed.
     """
     system = getattr(layer, "system", None)
     if system is None or not hasattr(system, "derivation"):
