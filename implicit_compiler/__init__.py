@@ -17,6 +17,7 @@ from .errors import (
 from .runtime.kernels import SolveResult
 from .runtime.options import SolverOptions
 from .runtime.status import Status
+from .symbolic.problem import Problem
 from .symbolic.system import FixedPoint, ResidualSystem
 from .torch.module import ImplicitLayer, SolveInfo
 
@@ -25,6 +26,7 @@ __all__ = [
     "compile",
     "ResidualSystem",
     "FixedPoint",
+    "Problem",
     "ImplicitLayer",
     "SolveInfo",
     "SolveResult",

@@ -28,6 +28,8 @@ def compile(system, *, cache_dir=None, verbose: bool = False, warmup: bool = Tru
     ``on_failure``, ``method``, ...). ``verbose`` reports progress on stderr.
     ``warmup`` compiles (or loads) the forward and backward kernels now rather than on the first call.
     """
+    if getattr(system, "kind", None) == "problem":
+        return compile_problem(system, cache_dir=cache_dir, verbose=verbose, warmup=warmup, **options)
     opts = SolverOptions(**options)
     report = {}
     t0 = time.perf_counter()
@@ -72,3 +74,37 @@ def warm(layer: ImplicitLayer) -> None:
     for threshold in (2, 1):  # serial, then parallel build
         res = k.solve(P, Y0, layer.options.replace(max_iter=0, method=method, parallel_threshold=threshold))
         k.vjp(res, np.zeros((1, k.n)), need, threshold)
+
+
+def compile_problem(problem, *, cache_dir=None, verbose: bool = False, warmup: bool = True, forward=None,
+                    return_multipliers: bool = False, weak_tol: float | None = None, **options):
+    """Compile an optimization :class:`Problem` into a :class:`ProblemLayer` (see :func:`compile`)."""
+    from .codegen.emit_problem import emit_problem_module
+    from .torch.problem_layer import ProblemLayer
+
+    opts = SolverOptions(**options)
+    report = {}
+    t0 = time.perf_counter()
+    key = cache.module_key(problem.content_hash())
+    path = cache.module_path(key, cache_dir)
+    report["path"] = str(path)
+    report["cache_hit"] = path.exists()
+
+    def source():
+        _progress(verbose, f"deriving the KKT system of {problem!r}")
+        return emit_problem_module(problem, problem.system.layout(), key)
+
+    report["written"] = cache.write_module(path, source)
+    module = cache.load_module(path)
+    layer = ProblemLayer(module, opts, system=problem, compile_report=report, forward=forward,
+                         return_multipliers=return_multipliers, weak_tol=weak_tol)
+    if warmup and forward is None:
+        import numpy as np
+
+        k = layer.kernels
+        need = np.ones(len(layer.layout["param_groups"]), dtype=np.bool_)
+        # the serial build only: the multi-threaded one compiles on the first large batch
+        res = k.solve(np.zeros((1, k.m)), np.zeros((1, k.nv)), opts.replace(max_iter=0, parallel_threshold=2))
+        k.vjp(res, np.zeros((1, k.n)), need, 2)
+    report["total_seconds"] = time.perf_counter() - t0
+    return layer

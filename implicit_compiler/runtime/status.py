@@ -18,6 +18,7 @@ LINE_SEARCH_FAILED = 4
 SINGULAR_AT_SOLUTION = 5
 INFEASIBLE = 6
 UNBOUNDED = 7
+NOT_OPTIMAL = 8
 
 
 class Status(enum.IntEnum):
@@ -31,6 +32,7 @@ class Status(enum.IntEnum):
     SINGULAR_AT_SOLUTION = SINGULAR_AT_SOLUTION
     INFEASIBLE = INFEASIBLE
     UNBOUNDED = UNBOUNDED
+    NOT_OPTIMAL = NOT_OPTIMAL
 
     @property
     def message(self) -> str:
@@ -53,7 +55,8 @@ _MESSAGES = {
     ),
     Status.LINE_SEARCH_FAILED: (
         "the line search could not reduce ||F||^2 (a local minimum of the residual "
-        "norm that is not a root: the system may have no solution here)"
+        "norm that is not a root: the system may have no solution here; for an "
+        "optimization problem, no KKT point is reachable, e.g. an unbounded objective)"
     ),
     Status.SINGULAR_AT_SOLUTION: (
         "converged to a point where dF/dy is singular, so the implicit gradient "
@@ -61,6 +64,10 @@ _MESSAGES = {
     ),
     Status.INFEASIBLE: "the constraints could not be satisfied (the problem looks infeasible)",
     Status.UNBOUNDED: "the objective decreased without bound (the problem looks unbounded)",
+    Status.NOT_OPTIMAL: (
+        "the point returned by the custom forward does not satisfy the KKT conditions "
+        "(stationarity or feasibility residual above tolerance); check that it solves the problem"
+    ),
 }
 
 

@@ -44,7 +44,7 @@ def _as_symbol_array(value, where: str):
         return (), (value,)
     if isinstance(value, sp.MatrixBase):
         r, c = value.shape
-        shape = (r,) if c == 1 else (c,) if r == 1 else (r, c)
+        shape = (r,) if c == 1 else (r, c)  # column vectors are vectors; other matrices keep both axes
         items = tuple(value)
     elif isinstance(value, (list, tuple, np.ndarray)):
         arr = np.asarray(value, dtype=object)

@@ -62,7 +62,8 @@ class _Call:
         B = self.B
         for grp in self.unknown_groups:
             off, size = grp["offset"], len(grp["symbols"])
-            blk = Y if len(self.unknown_groups) == 1 else np.ascontiguousarray(Y[:, off:off + size])
+            whole = len(self.unknown_groups) == 1 and size == Y.shape[1]
+            blk = Y if whole else np.ascontiguousarray(Y[:, off:off + size])
             t = torch.from_numpy(blk)
             shape = tuple(grp["shape"]) if self.squeeze else (B, *grp["shape"])
             t = t.reshape(shape)

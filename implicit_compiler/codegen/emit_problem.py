@@ -1,0 +1,111 @@
+"""Emit the kernel module of an optimization :class:`Problem`.
+
+The module is the KKT residual system's module (residual, Jacobians, VJP,
+factorisations: the backward pass) plus, for the interior-point forward:
+
+* ``ip_eval(y, p, gradf, h, Jh, g, Jg)``: ∇f, the constraints and their
+  Jacobians, one joint CSE;
+* ``ip_hess(y, lam, nu, p, H)``: ∇²_y L, symmetric, from its lower triangle;
+* batched drivers calling :func:`implicit_compiler.runtime.interior_point.ip_one`.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import numpy as np
+import sympy as sp
+
+from .emit import INDENT, cse_lines, emit_module
+
+
+def _zero_lines(pattern: np.ndarray, name: str, rows: int, cols: int) -> list[str]:
+    if rows * cols <= 400:
+        return [f"{INDENT}{name}[{i}, {j}] = 0.0" for i, j in np.argwhere(~pattern)]
+    return [f"{INDENT}{name}[:, :] = 0.0"]
+
+
+def _sparse(exprs, symbols):
+    out = []
+    for i, e in enumerate(exprs):
+        for j, s in enumerate(symbols):
+            if s in e.free_symbols:
+                d = sp.diff(e, s)
+                if d != 0:
+                    out.append((i, j, d))
+    return out
+
+
+def problem_sections(problem) -> list[list[str]]:
+    y, p = problem.variables, problem.params
+    n, q, r = len(y), len(problem.equalities), len(problem.inequalities)
+    base = {s: f"y[{j}]" for j, s in enumerate(y)}
+    base.update({s: f"p[{j}]" for j, s in enumerate(p)})
+
+    grad = [sp.diff(problem.f, s) for s in y]
+    Jh = _sparse(problem.equalities, y)
+    Jg = _sparse(problem.inequalities, y)
+    exprs = grad + list(problem.equalities) + list(problem.inequalities) + [e for *_, e in Jh] + [e for *_, e in Jg]
+    lines, outs = cse_lines(exprs, base)
+    body = list(lines)
+    k = 0
+    for j in range(n):
+        body.append(f"{INDENT}gradf[{j}] = {outs[k]}")
+        k += 1
+    for i in range(q):
+        body.append(f"{INDENT}h[{i}] = {outs[k]}")
+        k += 1
+    for i in range(r):
+        body.append(f"{INDENT}g[{i}] = {outs[k]}")
+        k += 1
+    for name, entries, rows in (("Jh", Jh, q), ("Jg", Jg, r)):
+        if rows:
+            pat = np.zeros((rows, n), dtype=bool)
+            for i, j, _ in entries:
+                pat[i, j] = True
+            body += _zero_lines(pat, name, rows, n)
+        for i, j, _ in entries:
+            body.append(f"{INDENT}{name}[{i}, {j}] = {outs[k]}")
+            k += 1
+    ev = ["@njit(cache=True, inline='always')", "def ip_eval(y, p, gradf, h, Jh, g, Jg):", *(body or [f"{INDENT}pass"])]
+
+    hmap = dict(base)
+    hmap.update({s: f"lam[{i}]" for i, s in enumerate(problem.lam)})
+    hmap.update({s: f"nu[{i}]" for i, s in enumerate(problem.nu)})
+    entries = problem.hessian_entries
+    lines, outs = cse_lines([e for *_, e in entries], hmap)
+    pat = np.zeros((n, n), dtype=bool)
+    for i, j, _ in entries:
+        pat[i, j] = pat[j, i] = True
+    hb = _zero_lines(pat, "H", n, n) + list(lines)
+    for (i, j, _), o in zip(entries, outs):
+        hb.append(f"{INDENT}H[{i}, {j}] = {o}")
+        if i != j:
+            hb.append(f"{INDENT}H[{j}, {i}] = H[{i}, {j}]")
+    hs = ["@njit(cache=True, inline='always')", "def ip_hess(y, lam, nu, p, H):", *(hb or [f"{INDENT}pass"])]
+    return [ev, hs]
+
+
+def emit_problem_module(problem, layout: dict, key: str) -> str:
+    system = problem.system
+    src = emit_module(system.derivation, layout, key)
+    n, q, r = problem.n_variables, len(problem.equalities), len(problem.inequalities)
+    extra = [
+        "# ---------------------------------------------------------------- optimization problem",
+        "from implicit_compiler.runtime.interior_point import ip_one, kkt_finalize  # noqa: E402",
+        "from implicit_compiler.runtime.status import NONFINITE  # noqa: E402",
+        "",
+        f"NV = {n}\nNQ = {q}\nNR = {r}",
+        "# objective (minimised): " + str(problem.f).replace("\n", " "),
+    ]
+    for i, e in enumerate(problem.equalities):
+        extra.append(f"#   h[{i}] = {e} = 0")
+    for i, e in enumerate(problem.inequalities):
+        extra.append(f"#   g[{i}] = {e} <= 0")
+    parts = [src, "\n".join(extra) + "\n"]
+    for sec in problem_sections(problem):
+        parts.append("\n".join(sec) + "\n")
+    template = resources.files("implicit_compiler.codegen").joinpath("templates", "problem_drivers.py.txt").read_text()
+    for suffix, parallel in (("serial", "False"), ("parallel", "True")):
+        parts.append(template.replace("{suffix}", suffix).replace("{parallel}", parallel))
+    return "\n\n".join(parts).rstrip() + "\n"

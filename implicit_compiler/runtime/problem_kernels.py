@@ -1,0 +1,106 @@
+"""NumPy-level access to an optimization problem's kernel module.
+
+The forward pass is the generated interior-point driver, or a user callable
+whose solution is then checked against the KKT conditions (multipliers the
+callable does not supply are recovered by least squares from stationarity,
+over the constraints active at its solution). Either way the KKT Jacobian is
+factored at the solution for the backward pass, which is the residual-system
+VJP of :class:`Kernels`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import status as st
+from .kernels import Kernels, SolveResult, _kernel_array
+from .options import SolverOptions
+
+
+class ProblemKernels(Kernels):
+    def __init__(self, module, forward=None, weak_tol: float | None = None, kkt_tol: float = 1e-7):
+        super().__init__(module)
+        self.nv, self.nq, self.nr = module.NV, module.NQ, module.NR
+        self.forward = forward
+        self.weak_tol = weak_tol
+        self.kkt_tol = kkt_tol
+
+    def _alloc(self, B):
+        N = self.n
+        return (np.zeros((B, N)), np.zeros((B, N, N)), np.zeros((B, N + 1), dtype=np.int64),
+                np.empty(B, dtype=np.int8), np.zeros((B, 3)))
+
+    def solve(self, P: np.ndarray, Y0: np.ndarray, options: SolverOptions) -> SolveResult:
+        P = _kernel_array(P)
+        B = P.shape[0]
+        Z, LU, PIV, STATUS, INFO = self._alloc(B)
+        # An interior point ends with g_i ν_i ≈ μ ≈ tol: at a weakly active constraint both
+        # are about sqrt(tol), so that sets the scale of "≈ 0" for the classification.
+        weak_tol = self.weak_tol if self.weak_tol is not None else 10.0 * np.sqrt(options.tol)
+        suffix = "parallel" if B >= options.parallel_threshold else "serial"
+        if self.forward is None:
+            Y0 = _kernel_array(Y0[:, :self.nv]) if Y0.shape[1] != self.nv else _kernel_array(Y0)
+            getattr(self.module, "ip_batch_" + suffix)(
+                Y0, P, float(options.tol), int(options.max_iter), float(options.singular_tol),
+                float(weak_tol), Z, LU, PIV, STATUS, INFO)
+        else:
+            Z[:] = self._custom_forward(P)
+            getattr(self.module, "kkt_finalize_batch_" + suffix)(
+                Z, P, float(weak_tol), float(options.singular_tol), LU, PIV, STATUS, INFO)
+            bad = (STATUS == st.CONVERGED) & ~(INFO[:, 1] <= self.kkt_tol * (1.0 + np.abs(Z).max(axis=1)))
+            STATUS[bad] = st.NOT_OPTIMAL
+        res = SolveResult(Z, STATUS, INFO[:, 0].astype(np.int64), INFO[:, 1], P, LU, PIV)
+        res.weakly_active = INFO[:, 2].astype(np.int64)
+        return res
+
+    # ------------------------------------------------------------------ custom forward
+    def _param_arrays(self, P):
+        B = P.shape[0]
+        out = []
+        for g in self.layout["param_groups"]:
+            off, size = g["offset"], len(g["symbols"])
+            out.append(P[:, off:off + size].reshape(B, *g["shape"]))
+        return out
+
+    def _custom_forward(self, P: np.ndarray) -> np.ndarray:
+        B = P.shape[0]
+        got = self.forward(*self._param_arrays(P))
+        lam = nu = None
+        if isinstance(got, tuple):
+            if len(got) != 3:
+                raise ValueError("a custom forward returns y, or the tuple (y, lam, nu)")
+            got, lam, nu = got
+        y = np.asarray(got, dtype=np.float64).reshape(B, -1)
+        if y.shape[1] != self.nv:
+            raise ValueError(f"the custom forward returned {y.shape[1]} values per sample; the problem has "
+                             f"{self.nv} variables (shape (B, {self.nv}) expected)")
+        Z = np.zeros((B, self.n))
+        Z[:, :self.nv] = y
+        if lam is not None and nu is not None:
+            Z[:, self.nv:self.nv + self.nq] = np.asarray(lam, dtype=np.float64).reshape(B, self.nq)
+            Z[:, self.nv + self.nq:] = np.asarray(nu, dtype=np.float64).reshape(B, self.nr)
+            return Z
+        Z[:, self.nv:] = self.recover_multipliers(y, P)
+        return Z
+
+    def recover_multipliers(self, y: np.ndarray, P: np.ndarray) -> np.ndarray:
+        """Least-squares multipliers from stationarity ``∇f + J_hᵀλ + J_gᵀν = 0`` with
+        ``ν_i = 0`` for constraints inactive at ``y`` (``g_i < -active_tol``)."""
+        B = y.shape[0]
+        n, q, r = self.nv, self.nq, self.nr
+        gradf, h, Jh, g, Jg = (np.empty((B, n)), np.empty((B, q)), np.zeros((B, q, n)),
+                               np.empty((B, r)), np.zeros((B, r, n)))
+        self.module.ip_eval_batch_serial(_kernel_array(y), P, gradf, h, Jh, g, Jg)
+        out = np.zeros((B, q + r))
+        tol = np.sqrt(self.kkt_tol)
+        for b in range(B):
+            active = g[b] >= -tol * (1.0 + np.abs(g[b]))
+            A = np.concatenate([Jh[b], Jg[b][active]], axis=0).T  # (n, q + active)
+            if A.shape[1] == 0:
+                continue
+            mult, *_ = np.linalg.lstsq(A, -gradf[b], rcond=None)
+            out[b, :q] = mult[:q]
+            nu = np.zeros(r)
+            nu[active] = np.maximum(mult[q:], 0.0)
+            out[b, q:] = nu
+        return out

@@ -1,0 +1,211 @@
+"""``Problem``: an optimization layer ``y*(θ) = argmin_y f(y, θ)`` subject to
+``h(y, θ) = 0`` and ``g(y, θ) <= 0``, compiled through its KKT system.
+
+The forward pass is a primal-dual interior-point method generated for the
+problem (Newton on the Lagrange system when there are no inequalities), or any
+Python callable (``forward=``); the backward pass is the implicit function
+theorem applied to the KKT system at the solution.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cached_property
+
+import sympy as sp
+
+from ..errors import SystemDefinitionError
+from .groups import Group, flat_symbols, make_groups
+from .kkt import KKT, hessian_entries, kkt_conditions, lagrangian
+from .system import ResidualSystem
+
+
+def _constraint_list(items, kind: str) -> list:
+    if items is None:
+        return []
+    if isinstance(items, (sp.Basic, sp.MatrixBase)) and not isinstance(items, sp.MatrixBase):
+        items = [items]
+    items = list(items) if not isinstance(items, sp.MatrixBase) else list(items)
+    out = []
+    for i, c in enumerate(items):
+        if isinstance(c, sp.MatrixBase):
+            raise SystemDefinitionError(f"{kind} constraint {i} is a Matrix; pass list(M) to constrain each entry")
+        if kind == "equality":
+            if isinstance(c, sp.Equality):
+                c = c.lhs - c.rhs
+            elif isinstance(c, sp.Rel):
+                raise SystemDefinitionError(
+                    f"equality constraint {i} ({c}) is an inequality; put it in inequalities="
+                )
+        else:
+            if isinstance(c, (sp.LessThan, sp.StrictLessThan)):
+                c = c.lhs - c.rhs  # a <= b  ->  a - b <= 0
+            elif isinstance(c, (sp.GreaterThan, sp.StrictGreaterThan)):
+                c = c.rhs - c.lhs  # a >= b  ->  b - a <= 0
+            elif isinstance(c, sp.Rel):
+                raise SystemDefinitionError(
+                    f"inequality constraint {i} ({c}) is an equation; put it in equalities="
+                )
+        if isinstance(c, (int, float)) and not isinstance(c, bool):
+            c = sp.sympify(c)
+        if not isinstance(c, sp.Expr):
+            raise SystemDefinitionError(
+                f"{kind} constraint {i} is a {type(c).__name__} ({c!r}), not a SymPy expression"
+            )
+        out.append(c)
+    return out
+
+
+def _fresh_symbols(prefix: str, count: int, taken: set) -> tuple:
+    names = {str(s) for s in taken}
+    base = prefix
+    while any(f"{base}{i}" in names for i in range(count)):
+        base = base + "_"
+    return tuple(sp.Symbol(f"{base}{i}", real=True) for i in range(count))
+
+
+class Problem:
+    """``argmin_y f(y, θ)`` s.t. ``equalities == 0``, ``inequalities <= 0``.
+
+    Parameters
+    ----------
+    objective
+        A scalar SymPy expression.
+    variables, params
+        Symbols or named groups, as for :class:`ResidualSystem`.
+    inequalities
+        Expressions ``g_i <= 0`` or relationals ``a <= b`` / ``a >= b``.
+    equalities
+        Expressions ``h_i = 0`` or ``sp.Eq(a, b)``.
+    maximize
+        Maximise instead (the objective is negated internally).
+
+    The multipliers are ``lam0, lam1, …`` (equalities) and ``nu0, nu1, …``
+    (inequalities), renamed if those names are taken.
+    """
+
+    kind = "problem"
+
+    def __init__(self, objective, variables, params=None, *, inequalities=None, equalities=None,
+                 maximize: bool = False, name: str | None = None, initial_guess=None):
+        self.name = name or "Problem"
+        if isinstance(objective, sp.MatrixBase):
+            if objective.shape == (1, 1):
+                objective = objective[0, 0]
+            else:
+                raise SystemDefinitionError(
+                    f"the objective is a {objective.shape[0]}x{objective.shape[1]} Matrix; it must be a scalar "
+                    f"(for y.T*Q*y write (y.T*Q*y)[0])"
+                )
+        if isinstance(objective, (int, float)) and not isinstance(objective, bool):
+            objective = sp.sympify(objective)
+        if not isinstance(objective, sp.Expr) or isinstance(objective, sp.Rel):
+            raise SystemDefinitionError(f"the objective must be a scalar SymPy expression, got {objective!r}")
+        self.maximize = bool(maximize)
+        self.objective = objective
+        self.variable_groups: tuple[Group, ...] = make_groups(variables, "variables", "y")
+        self.param_groups: tuple[Group, ...] = make_groups(params, "params", "theta")
+        self.variables = flat_symbols(self.variable_groups)
+        self.params = flat_symbols(self.param_groups)
+        self.equalities = _constraint_list(equalities, "equality")
+        self.inequalities = _constraint_list(inequalities, "inequality")
+        self._validate()
+        taken = set(self.variables) | set(self.params)
+        self.lam = _fresh_symbols("lam", len(self.equalities), taken)
+        self.nu = _fresh_symbols("nu", len(self.inequalities), taken | set(self.lam))
+        self._initial_guess = initial_guess
+
+    def _validate(self) -> None:
+        declared = set(self.variables) | set(self.params)
+        both = set(self.variables) & set(self.params)
+        if both:
+            raise SystemDefinitionError(
+                f"symbol(s) {', '.join(sorted(map(str, both)))} declared both as variable and as parameter"
+            )
+        items = [("the objective", self.objective)]
+        items += [(f"equality constraint {i} ({e} = 0)", e) for i, e in enumerate(self.equalities)]
+        items += [(f"inequality constraint {i} ({e} <= 0)", e) for i, e in enumerate(self.inequalities)]
+        for what, e in items:
+            free = e.free_symbols - declared
+            if free:
+                raise SystemDefinitionError(
+                    f"{what} uses symbol(s) {', '.join(sorted(map(str, free)))} that are neither variables nor "
+                    f"params; declare them in params="
+                )
+        if not (self.objective.free_symbols & set(self.variables)) and not self.equalities:
+            raise SystemDefinitionError("the objective does not depend on any variable")
+        if len(self.equalities) > len(self.variables):
+            raise SystemDefinitionError(
+                f"{len(self.equalities)} equality constraints for {len(self.variables)} variables: "
+                f"the constraint Jacobian cannot have full row rank"
+            )
+
+    # ------------------------------------------------------------------ derived objects
+    @property
+    def f(self) -> sp.Expr:
+        """The objective that is minimised (negated when ``maximize=True``)."""
+        return -self.objective if self.maximize else self.objective
+
+    @cached_property
+    def lagrangian(self) -> sp.Expr:
+        """``L = f + λᵀh + νᵀg``."""
+        return lagrangian(self.f, self.equalities, self.inequalities, self.lam, self.nu)
+
+    @cached_property
+    def kkt(self) -> KKT:
+        """Stationarity, primal feasibility and complementary slackness (dual feasibility ``ν >= 0``
+        and ``g <= 0`` are enforced by the solver)."""
+        return kkt_conditions(self.lagrangian, self.variables, self.equalities, self.inequalities, self.nu)
+
+    @cached_property
+    def hessian(self) -> sp.Matrix:
+        """∇²_y L as a SymPy Matrix."""
+        n = len(self.variables)
+        H = sp.zeros(n, n)
+        for i, j, e in self.hessian_entries:
+            H[i, j] = H[j, i] = e
+        return H
+
+    @cached_property
+    def hessian_entries(self) -> list:
+        return hessian_entries(self.lagrangian, self.variables)
+
+    @cached_property
+    def system(self) -> ResidualSystem:
+        """The KKT equations as a square :class:`ResidualSystem` in ``(y, λ, ν)``."""
+        unknowns = {g.name: (list(g.symbols) if g.shape != () else g.symbols[0]) for g in self.variable_groups}
+        for name, syms in (("lam", self.lam), ("nu", self.nu)):
+            if syms:
+                if name in unknowns:
+                    raise SystemDefinitionError(f"variable group name {name!r} is reserved for multipliers")
+                unknowns[name] = list(syms)
+        params = {g.name: _group_value(g) for g in self.param_groups} or None
+        return ResidualSystem(self.kkt.residuals(), unknowns=unknowns, params=params,
+                              name=self.name, initial_guess=self._initial_guess)
+
+    @property
+    def n_variables(self) -> int:
+        return len(self.variables)
+
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        h.update(b"problem|")
+        h.update(self.system.content_hash().encode())
+        h.update(sp.srepr(self.f).encode())
+        for e in self.equalities + self.inequalities:
+            h.update(sp.srepr(e).encode())
+        h.update(f"{len(self.equalities)}|{len(self.inequalities)}".encode())
+        return h.hexdigest()
+
+    def __repr__(self) -> str:
+        return (f"Problem({self.name!r}: {'max' if self.maximize else 'min'} over {len(self.variables)} variables, "
+                f"{len(self.equalities)} equalities, {len(self.inequalities)} inequalities, "
+                f"{len(self.params)} params)")
+
+
+def _group_value(g: Group):
+    if g.shape == ():
+        return g.symbols[0]
+    if len(g.shape) == 2:
+        return sp.Matrix(g.shape[0], g.shape[1], list(g.symbols))
+    return list(g.symbols)
