@@ -39,8 +39,10 @@ def slot_map(unknowns, params) -> dict:
     return m
 
 
-def cse_lines(exprs, base_map: dict, indent: str = INDENT):
-    """Joint CSE of ``exprs``; returns (assignment lines, printed outputs)."""
+def cse_lines(exprs, base_map: dict, indent: str = INDENT, prefix: str = "t"):
+    """Joint CSE of ``exprs``; returns (assignment lines, printed outputs).
+
+    Temporaries are named ``{prefix}0, {prefix}1, ...``."""
     exprs = [sp.sympify(e) for e in exprs]
     if not exprs:
         return [], []
@@ -51,7 +53,7 @@ def cse_lines(exprs, base_map: dict, indent: str = INDENT):
     lines = []
     for k, (sym, e) in enumerate(reps):
         pr = NumbaPrinter(local)
-        name = f"t{k}"
+        name = f"{prefix}{k}"
         lines.append(f"{indent}{name} = {pr.doprint(e)}")
         local[sym] = name
     pr = NumbaPrinter(local)
@@ -96,24 +98,30 @@ def _kernel_jac_params_absmax(d, smap):
     return head + body + [f"{INDENT}return m"]
 
 
-def _kernel_vjp_params(d, smap, param_groups):
-    """``out[c] = -sum_i v[i] dF_i/dtheta_c`` for the columns of needed groups."""
+def _vjp_body(d, smap, param_groups, indent, v, out, prefix="t"):
+    """Lines of ``out(c) = -sum_i v(i) dF_i/dtheta_c`` for the columns of needed groups."""
     body = []
     by_col: dict[int, list] = {}
     for i, j, e in d.jac_p:
         by_col.setdefault(j, []).append((i, e))
     for g, grp in enumerate(param_groups):
         cols = range(grp["offset"], grp["offset"] + len(grp["symbols"]))
-        body.append(f"{INDENT}if need[{g}]:  # parameter group {grp['name']!r}")
+        body.append(f"{indent}if need[{g}]:  # parameter group {grp['name']!r}")
         entries = [(c, i, e) for c in cols for i, e in by_col.get(c, [])]
-        lines, outs = cse_lines([e for _, _, e in entries], smap, indent=INDENT * 2)
+        lines, outs = cse_lines([e for _, _, e in entries], smap, indent=indent + INDENT, prefix=prefix)
         body += lines
         terms: dict[int, list[str]] = {c: [] for c in cols}
         for (c, i, _), o in zip(entries, outs):
-            terms[c].append(f"v[{i}]*({o})")
+            terms[c].append(f"{v(i)}*({o})")
         for c in cols:
-            rhs = " + ".join(terms[c]) if terms[c] else "0.0"
-            body.append(f"{INDENT * 2}out[{c}] = -({rhs})" if terms[c] else f"{INDENT * 2}out[{c}] = 0.0")
+            rhs = " + ".join(terms[c])
+            body.append(f"{indent + INDENT}{out(c)} = -({rhs})" if terms[c] else f"{indent + INDENT}{out(c)} = 0.0")
+    return body
+
+
+def _kernel_vjp_params(d, smap, param_groups):
+    """``out[c] = -sum_i v[i] dF_i/dtheta_c`` for the columns of needed groups."""
+    body = _vjp_body(d, smap, param_groups, INDENT, lambda i: f"v[{i}]", lambda c: f"out[{c}]")
     if not body:
         body = [f"{INDENT}pass"]
     return ["@njit(cache=True, inline='always')", "def vjp_params(y, p, v, need, out):", *body]
@@ -164,6 +172,195 @@ def _kernels_factor_sparse(d, pivot_threshold: float):
         if terms:
             t.append(f"{INDENT}b[{i}] = b[{i}]{''.join(terms)}")
     return f + [""] + s + [""] + t
+
+
+# ---------------------------------------------------------------- scalar kernels (small systems)
+# For small dense systems the Newton solve and the VJP are emitted per system with the
+# whole per-sample state in local scalars (y_0, F_0, a_0_1, ...), which LLVM keeps in
+# registers; they mirror runtime.newton.newton_one and runtime.linalg step by step.
+SCALAR_MAX_N = 6
+
+
+def use_scalar_kernels(d) -> bool:
+    return d.factorization == "dense" and d.n <= SCALAR_MAX_N
+
+
+def _nan_max_lines(indent, target, values):
+    """``target = ||values||_inf`` with NaN propagating (as ``runtime.newton.inf_norm``)."""
+    out = [f"{indent}{target} = 0.0"]
+    out += [f"{indent}{target} = nan_max({target}, abs({v}))" for v in values]
+    return out
+
+
+def _scalar_res_jac(d, names, indent, with_jac=True, F="F", prefix="r"):
+    n = d.n
+    exprs = list(d.residuals) + ([e for _, _, e in d.jac_y] if with_jac else [])
+    lines, outs = cse_lines(exprs, names, indent=indent, prefix=prefix)
+    body = list(lines)
+    body += [f"{indent}{F}_{i} = {o}" for i, o in enumerate(outs[:n])]
+    if with_jac:
+        body += [f"{indent}a_{i}_{j} = 0.0" for i, j in np.argwhere(~d.pattern_unknowns)]
+        body += [f"{indent}a_{i}_{j} = {o}" for (i, j, _), o in zip(d.jac_y, outs[n:])]
+    return body
+
+
+def _scalar_lu_factor(n, indent):
+    """In-place partial-pivoting LU of the scalars a_i_j, as ``runtime.linalg.lu_factor``."""
+    i1, i2, i3 = indent + INDENT, indent + 2 * INDENT, indent + 3 * INDENT
+    out = [f"{indent}minp = math.inf", f"{indent}ok = True"]
+    for k in range(n):
+        out.append(f"{indent}if ok:  # column {k}")
+        out.append(f"{i1}piv_{k} = {k}")
+        out.append(f"{i1}best = abs(a_{k}_{k})")
+        for i in range(k + 1, n):
+            out += [f"{i1}v = abs(a_{i}_{k})", f"{i1}if v > best:", f"{i2}best = v", f"{i2}piv_{k} = {i}"]
+        out += [f"{i1}if best < minp:", f"{i2}minp = best",
+                f"{i1}if best == 0.0:", f"{i2}minp = 0.0", f"{i2}ok = False"]
+        if k == n - 1:
+            break
+        out.append(f"{i1}else:")
+        for i in range(k + 1, n):
+            out.append(f"{i2}if piv_{k} == {i}:")
+            for j in range(n):
+                out.append(f"{i3}a_{k}_{j}, a_{i}_{j} = a_{i}_{j}, a_{k}_{j}")
+        out.append(f"{i2}inv = 1.0 / a_{k}_{k}")
+        for i in range(k + 1, n):
+            out += [f"{i2}a_{i}_{k} *= inv", f"{i2}if a_{i}_{k} != 0.0:"]
+            out += [f"{i3}a_{i}_{j} -= a_{i}_{k} * a_{k}_{j}" for j in range(k + 1, n)]
+    return out
+
+
+def _scalar_lu_solve(n, indent, b):
+    """``b <- A^{-1} b`` with the factors in a_i_j / piv_k, as ``runtime.linalg.lu_solve``."""
+    out = []
+    for k in range(n - 1):
+        for i in range(k + 1, n):
+            out += [f"{indent}if piv_{k} == {i}:", f"{indent}{INDENT}{b}_{k}, {b}_{i} = {b}_{i}, {b}_{k}"]
+    for i in range(1, n):
+        out.append(f"{indent}{b}_{i} = {b}_{i}" + "".join(f" - a_{i}_{j} * {b}_{j}" for j in range(i)))
+    for i in range(n - 1, -1, -1):
+        terms = "".join(f" - a_{i}_{j} * {b}_{j}" for j in range(i + 1, n))
+        out.append(f"{indent}{b}_{i} = ({b}_{i}{terms}) / a_{i}_{i}")
+    return out
+
+
+def _scalar_lu_solve_transpose(n, indent, b):
+    """``b <- A^{-T} b``, as ``runtime.linalg.lu_solve_transpose``."""
+    out = []
+    for i in range(n):
+        terms = "".join(f" - a_{j}_{i} * {b}_{j}" for j in range(i))
+        out.append(f"{indent}{b}_{i} = ({b}_{i}{terms}) / a_{i}_{i}")
+    for i in range(n - 2, -1, -1):
+        out.append(f"{indent}{b}_{i} = {b}_{i}" + "".join(f" - a_{j}_{i} * {b}_{j}" for j in range(i + 1, n)))
+    for k in range(n - 2, -1, -1):
+        for i in range(n - 1, k, -1):
+            out += [f"{indent}if piv_{k} == {i}:", f"{indent}{INDENT}{b}_{k}, {b}_{i} = {b}_{i}, {b}_{k}"]
+    return out
+
+
+def _kernels_scalar(d, param_groups):
+    """``newton_range`` and ``vjp_range`` with scalar per-sample state."""
+    n, m = d.n, d.m
+    I1, I2, I3, I4 = INDENT, INDENT * 2, INDENT * 3, INDENT * 4
+    ys = [f"y_{i}" for i in range(n)]
+    us = [f"u_{i}" for i in range(n)]
+    ps = [f"p_{j}" for j in range(m)]
+    pmap = {s: ps[j] for j, s in enumerate(d.params)}
+    ymap = {**{s: ys[j] for j, s in enumerate(d.unknowns)}, **pmap}
+    umap = {**{s: us[j] for j, s in enumerate(d.unknowns)}, **pmap}
+    args = ", ".join(ys + ps)
+
+    # scale of dF/dtheta at a point, for the singularity test
+    jp = ["@njit(cache=True, inline='always')", f"def _jpabs({args}):"]
+    if d.jac_p:
+        lines, outs = cse_lines([e for _, _, e in d.jac_p], ymap, prefix="q")
+        jp += lines + [f"{I1}m = 0.0"] + [f"{I1}m = max(m, abs({o}))" for o in outs] + [f"{I1}return m"]
+    else:
+        jp += [f"{I1}return 0.0"]
+
+    def check(indent):
+        # runtime.newton.check_solution: smallest pivot against the scale of [dF/dy, dF/dtheta]
+        out = [f"{indent}scale = 0.0"]
+        for i in range(n):
+            out += [f"{indent}if abs(a_{i}_{i}) > scale:", f"{indent}{INDENT}scale = abs(a_{i}_{i})"]
+        out += [f"{indent}scale = max(scale, _jpabs({args}))",
+                f"{indent}status = SINGULAR_AT_SOLUTION if minp <= singular_tol * scale else CONVERGED"]
+        return out
+
+    def sq(names):
+        return "0.5 * (" + " + ".join(f"{v} * {v}" for v in names) + ")"
+
+    f = ["@njit(cache=True, inline='always')",
+         "def _newton_sample(b, b0, Y0, P, ftol, xtol, max_iter, singular_tol, Y, LU, PIV, INFO):"]
+    f += [f"{I1}p_{j} = P[b, {j}]" for j in range(m)]
+    f += [f"{I1}y_{i} = Y0[b0, {i}]" for i in range(n)]
+    f += [f"{I1}INFO[b, 0] = 0.0", f"{I1}INFO[b, 1] = math.inf"]
+    f += [f"{I1}Y[b, {i}] = y_{i}" for i in range(n)]
+    f += [f"{I1}if not ({' and '.join(f'math.isfinite({v})' for v in ps + ys)}):",
+          f"{I2}return NONFINITE"]
+    f += _scalar_res_jac(d, ymap, I1)
+    f += _nan_max_lines(I1, "fnorm", [f"F_{i}" for i in range(n)])
+    f += [f"{I1}INFO[b, 1] = fnorm", f"{I1}if not math.isfinite(fnorm):", f"{I2}return NONFINITE"]
+    f += [f"{I1}phi = {sq([f'F_{i}' for i in range(n)])}", f"{I1}it = 0", f"{I1}minp = 0.0",
+          f"{I1}status = CONVERGED"]
+    f += [f"{I1}piv_{k} = {k}" for k in range(n)]
+    f += [f"{I1}u_{i} = y_{i}" for i in range(n)]
+    f += [f"{I1}while True:"]
+    f += _scalar_lu_factor(n, I2)
+    f += [f"{I2}if not (minp > 0.0):",
+          f"{I3}status = SINGULAR_AT_SOLUTION if fnorm <= ftol else SINGULAR_JACOBIAN",
+          f"{I3}break"]
+    f += [f"{I2}d_{i} = -F_{i}" for i in range(n)]
+    f += _scalar_lu_solve(n, I2, "d")
+    f += [f"{I2}if fnorm <= ftol:"]
+    f += _nan_max_lines(I3, "step", [f"d_{i}" for i in range(n)])
+    f += _nan_max_lines(I3, "ynorm", ys)
+    f += [f"{I3}if step <= xtol * (1.0 + ynorm):"]
+    f += [f"{I4}y_{i} += d_{i}" for i in range(n)]
+    f += check(I4) + [f"{I4}break"]
+    f += [f"{I2}if it >= max_iter:", f"{I3}status = MAX_ITERATIONS", f"{I3}break"]
+    f += [f"{I2}t = 1.0", f"{I2}accepted = False", f"{I2}while t >= MIN_STEP:"]
+    f += [f"{I3}u_{i} = y_{i} + t * d_{i}" for i in range(n)]
+    f += _scalar_res_jac(d, umap, I3, with_jac=False, F="G", prefix="s")
+    f += [f"{I3}phit = {sq([f'G_{i}' for i in range(n)])}",
+          f"{I3}if phit <= (1.0 - 2.0 * ARMIJO_C * t) * phi:", f"{I4}accepted = True", f"{I4}break",
+          f"{I3}t *= 0.5"]
+    f += [f"{I2}if not accepted:", f"{I3}if fnorm <= ftol:"]
+    f += check(I4)
+    f += [f"{I3}else:", f"{I4}status = LINE_SEARCH_FAILED", f"{I3}break"]
+    f += [f"{I2}y_{i} = u_{i}" for i in range(n)]
+    f += [f"{I2}it += 1"]
+    f += _scalar_res_jac(d, ymap, I2)
+    f += _nan_max_lines(I2, "fnorm", [f"F_{i}" for i in range(n)])
+    f += [f"{I2}phi = {sq([f'F_{i}' for i in range(n)])}"]
+    f += [f"{I1}Y[b, {i}] = y_{i}" for i in range(n)]
+    f += [f"{I1}INFO[b, 0] = it", f"{I1}INFO[b, 1] = fnorm"]
+    f += [f"{I1}LU[b, {i}, {j}] = a_{i}_{j}" for i in range(n) for j in range(n)]
+    f += [f"{I1}PIV[b, {k}] = piv_{k}" for k in range(n)] + [f"{I1}PIV[b, {n}] = 1"]
+    f += [f"{I1}return status"]
+    # a_i_j are first assigned in _scalar_res_jac before the loop; minp/piv_k before it too.
+
+    r = ["@njit(cache=True, nogil=True)",
+         "def newton_range(lo, hi, Y0, P, ftol, xtol, max_iter, singular_tol, Y, LU, PIV, STATUS, INFO):",
+         f"{I1}# Samples lo..hi-1 on the calling thread, all per-sample state in scalars.",
+         f"{I1}sy = 1 if Y0.shape[0] > 1 else 0  # Y0 is (B, n), or (1, n) shared by all samples",
+         f"{I1}for b in range(lo, hi):",
+         f"{I2}STATUS[b] = _newton_sample(b, b * sy, Y0, P, ftol, xtol, max_iter, singular_tol, Y, LU, PIV, INFO)"]
+
+    v = ["@njit(cache=True, nogil=True)",
+         "def vjp_range(lo, hi, Y, P, LU, PIV, STATUS, YBAR, need, PBAR):",
+         f"{I1}# PBAR[b] = -(dF/dtheta)^T (dF/dy)^{{-T}} YBAR[b] at the solution, for converged samples.",
+         f"{I1}for b in range(lo, hi):",
+         f"{I2}if STATUS[b] != 0:",
+         f"{I3}for c in range(M):", f"{I4}PBAR[b, c] = 0.0",
+         f"{I3}continue"]
+    v += [f"{I2}y_{i} = Y[b, {i}]" for i in range(n)] + [f"{I2}p_{j} = P[b, {j}]" for j in range(m)]
+    v += [f"{I2}a_{i}_{j} = LU[b, {i}, {j}]" for i in range(n) for j in range(n)]
+    v += [f"{I2}piv_{k} = PIV[b, {k}]" for k in range(n - 1)]
+    v += [f"{I2}v_{i} = YBAR[b, {i}]" for i in range(n)]
+    v += _scalar_lu_solve_transpose(n, I2, "v")
+    v += _vjp_body(d, ymap, param_groups, I2, lambda i: f"v_{i}", lambda c: f"PBAR[b, {c}]", prefix="w")
+    return jp + [""] + f + [""] + r + [""] + v
 
 
 def _kernels_factor_wrappers(kind: str):
@@ -220,9 +417,14 @@ def emit_module(derivation, layout: dict, key: str, options: dict | None = None)
     sections.append(_kernels_factor_wrappers(d.factorization))
     for sec in sections:
         out.append("\n".join(sec) + "\n")
-    template = resources.files("implicit_compiler.codegen").joinpath("templates", "drivers.py.txt").read_text()
-    for suffix, parallel in (("serial", "False"), ("parallel", "True")):
-        out.append(template.replace("{suffix}", suffix).replace("{parallel}", parallel))
+    templates = resources.files("implicit_compiler.codegen").joinpath("templates")
+    if use_scalar_kernels(d):
+        out.append("\n".join(_kernels_scalar(d, layout["param_groups"])) + "\n")
+        names = ["fixed_point_range"]
+    else:
+        names = ["newton_range", "vjp_range", "fixed_point_range"]
+    for name in names + ["drivers"]:
+        out.append(templates.joinpath(f"{name}.py.txt").read_text())
     return "\n\n".join(out).rstrip() + "\n"
 
 
@@ -252,5 +454,7 @@ def _header(d, layout, key) -> str:
     lines += ["", "import math", "", "import numpy as np", "from numba import njit, prange", "",
               "from implicit_compiler.runtime.fixed_point import fixed_point_one",
               "from implicit_compiler.runtime.linalg import lu_factor, lu_solve, lu_solve_transpose",
-              "from implicit_compiler.runtime.newton import newton_one"]
+              "from implicit_compiler.runtime.status import (CONVERGED, LINE_SEARCH_FAILED, MAX_ITERATIONS, NONFINITE,",
+              "                                              SINGULAR_AT_SOLUTION, SINGULAR_JACOBIAN)",
+              "from implicit_compiler.runtime.newton import ARMIJO_C, MIN_STEP, nan_max, newton_one"]
     return "\n".join(lines) + "\n"

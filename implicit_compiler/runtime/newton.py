@@ -27,12 +27,17 @@ MIN_STEP = 1e-10
 
 
 @njit(cache=True, inline="always")
+def nan_max(m, a):
+    """``max(m, a)`` where a NaN in either argument wins."""
+    return a if (a > m or a != a) else m
+
+
+@njit(cache=True, inline="always")
 def inf_norm(n, v):
+    """``max_i |v_i|``; NaN if any entry is NaN."""
     m = 0.0
     for i in range(n):
-        a = abs(v[i])
-        if not a <= m:  # also catches NaN
-            m = a
+        m = nan_max(m, abs(v[i]))
     return m
 
 
