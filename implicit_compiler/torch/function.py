@@ -38,18 +38,26 @@ class ImplicitFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         call, res = ctx.call, ctx.res
-        need = np.array([bool(x) for x in ctx.needs_input_grad[1:]], dtype=np.bool_)
-        if not need.any():
-            return (None,) * (1 + len(need))
+        flags = ctx.needs_input_grad[1:]
+        if not any(flags):
+            return (None,) * (1 + len(flags))
+        need = np.array(flags, dtype=np.bool_)
         B, n = res.y.shape
-        ybar = np.zeros((B, n))
-        for grp, gr in zip(call.unknown_groups, grads):
-            if gr is None:
-                continue
-            a = gr.detach()
-            if a.device.type != "cpu":
-                a = a.cpu()
-            ybar[:, grp["offset"]:grp["offset"] + len(grp["symbols"])] = a.numpy().reshape(B, -1)
+        groups = call.unknown_groups
+        gr = grads[0]
+        if (len(groups) == 1 and gr is not None and gr.device.type == "cpu" and gr.dtype == torch.float64
+                and len(groups[0]["symbols"]) == n):
+            # one unknown group covering y: its gradient is ybar (copied only if not C-contiguous)
+            ybar = np.ascontiguousarray(gr.detach().numpy().reshape(B, n))
+        else:
+            ybar = np.zeros((B, n))
+            for grp, gr in zip(groups, grads):
+                if gr is None:
+                    continue
+                a = gr.detach()
+                if a.device.type != "cpu":
+                    a = a.cpu()
+                ybar[:, grp["offset"]:grp["offset"] + len(grp["symbols"])] = a.numpy().reshape(B, -1)
         pbar = call.kernels.vjp(res, ybar, need, call.options.parallel_threshold)
         if call.options.on_failure == "nan":
             pbar[res.status != st.CONVERGED] = np.nan
@@ -59,10 +67,12 @@ class ImplicitFunction(torch.autograd.Function):
                 out.append(None)
                 continue
             off, size = grp["offset"], len(grp["symbols"])
-            blk = pbar[:, off:off + size]
+            blk = pbar if size == pbar.shape[1] else pbar[:, off:off + size]
             if call.batched[g]:
                 gt = torch.from_numpy(np.ascontiguousarray(blk)).reshape(t.shape)
             else:
                 gt = torch.from_numpy(blk.sum(axis=0)).reshape(t.shape)
-            out.append(gt.to(dtype=t.dtype, device=t.device))
+            if gt.dtype != t.dtype or t.device.type != "cpu":
+                gt = gt.to(dtype=t.dtype, device=t.device)
+            out.append(gt)
         return tuple(out)

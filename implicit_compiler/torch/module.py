@@ -42,7 +42,7 @@ class _Call:
         res = self.kernels.solve(self.P, self.Y0, self.options)
         self.result = res
         status = res.status
-        if status.any():
+        if (status[0] != 0) if status.shape[0] == 1 else status.any():
             bad = status != st.CONVERGED
             policy = self.options.on_failure
             if policy == "raise":
@@ -58,8 +58,14 @@ class _Call:
         return res
 
     def outputs(self, Y: np.ndarray) -> tuple:
-        outs = []
         B = self.B
+        groups = self.unknown_groups
+        if len(groups) == 1 and self.device.type == "cpu" and len(groups[0]["symbols"]) == Y.shape[1]:
+            # fast path: one unknown group covering y, on the CPU
+            shape = groups[0]["shape"]
+            t = torch.from_numpy(Y).reshape(tuple(shape) if self.squeeze else (B, *shape))
+            return (t if t.dtype == self.dtype else t.to(self.dtype),)
+        outs = []
         for grp in self.unknown_groups:
             off, size = grp["offset"], len(grp["symbols"])
             whole = len(self.unknown_groups) == 1 and size == Y.shape[1]
@@ -174,6 +180,8 @@ class ImplicitLayer(torch.nn.Module):
             last = self._last
             if self.options.warm_start and last is not None and last[0].shape[0] == B:
                 return last[0]
+            if self.kernels.shared_y0:
+                return self._default_y0.reshape(1, n)
             return np.broadcast_to(self._default_y0, (B, n)).copy()
         if isinstance(y0, dict):
             Y0 = np.broadcast_to(self._default_y0, (B, n)).copy()
@@ -194,7 +202,7 @@ class ImplicitLayer(torch.nn.Module):
             return Y0
         a = to_numpy(y0).astype(np.float64, copy=False)
         if a.shape == (n,):
-            return np.tile(a, (B, 1))
+            return a.reshape(1, n) if self.kernels.shared_y0 else np.tile(a, (B, 1))
         if a.shape == (B, n):
             return np.ascontiguousarray(a)
         raise InputError(f"y0 must have shape ({n},) or ({B}, {n}) for this call, got {tuple(a.shape)}")
@@ -209,10 +217,11 @@ class ImplicitLayer(torch.nn.Module):
             self._last = (y,)
 
     def _prepare(self, args, kwargs, y0) -> _Call:
-        tensors = self._bind(args, kwargs)
         groups = self._param_groups
+        tensors = list(args) if not kwargs and len(args) == len(groups) else self._bind(args, kwargs)
         for g, t in zip(groups, tensors):
-            check_finite_dtype(t, f"parameter group {g['name']!r}")
+            if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+                check_finite_dtype(t, f"parameter group {g['name']!r}")
         B, batched = batch_size(groups, tensors, "parameter group")
         call = _Call()
         call.kernels = self.kernels
@@ -227,7 +236,9 @@ class ImplicitLayer(torch.nn.Module):
         call.Y0 = self._initial(y0, B)
         torch_ts = [t for t in tensors if isinstance(t, torch.Tensor)]
         dtype = torch.float64
-        if torch_ts:
+        if len(torch_ts) == 1:
+            dtype = torch_ts[0].dtype
+        elif torch_ts:
             dtype = torch_ts[0].dtype
             for t in torch_ts[1:]:
                 dtype = torch.promote_types(dtype, t.dtype)

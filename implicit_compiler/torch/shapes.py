@@ -18,12 +18,15 @@ def _describe(shape) -> str:
 
 def group_batch(group: dict, t, what: str) -> int | None:
     """Batch size of one argument (None when unbatched); raises on a shape mismatch."""
-    shape = tuple(group["shape"])
-    got = tuple(t.shape)
-    if got == shape:
-        return None
-    if len(got) == len(shape) + 1 and got[1:] == shape:
+    shape = group["shape"]
+    got = t.shape
+    if len(got) == len(shape):
+        if all(a == b for a, b in zip(got, shape)):
+            return None
+    elif len(got) == len(shape) + 1 and all(a == b for a, b in zip(got[1:], shape)):
         return got[0]
+    shape = tuple(shape)
+    got = tuple(got)
     raise InputError(
         f"{what} {group['name']!r} expects shape {_describe(shape)} (shared by the batch) or "
         f"{_describe(('B',) + shape)} (one per sample), got {_describe(got)}"
@@ -31,6 +34,9 @@ def group_batch(group: dict, t, what: str) -> int | None:
 
 
 def batch_size(groups, tensors, what: str) -> tuple[int, list[bool]]:
+    if len(groups) == 1:
+        b = group_batch(groups[0], tensors[0], what)
+        return (1, [False]) if b is None else (b, [True])
     sizes = [group_batch(g, t, what) for g, t in zip(groups, tensors)]
     batched = [b is not None for b in sizes]
     distinct = {b for b in sizes if b is not None}
@@ -42,7 +48,8 @@ def batch_size(groups, tensors, what: str) -> tuple[int, list[bool]]:
 
 def to_numpy(t) -> np.ndarray:
     if isinstance(t, torch.Tensor):
-        t = t.detach()
+        if t.requires_grad:
+            t = t.detach()
         if t.device.type != "cpu":
             t = t.cpu()
         return t.numpy()
