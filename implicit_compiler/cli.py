@@ -79,7 +79,8 @@ def load_target(spec: str):
             raise
         raise _user_frame_error(exc, path, "error while running the file") from exc
     finally:
-        sys.path.remove(str(path.parent))
+        if str(path.parent) in sys.path:
+            sys.path.remove(str(path.parent))
     found = {k: v for k, v in namespace.items() if not k.startswith("_") and _is_target(v)}
     if name is None:
         if len(found) != 1:
@@ -167,22 +168,22 @@ def _parse_options(pairs) -> dict:
 def _cmd_compile(args) -> int:
     from .codegen.export import export_layer
     from .compiler import compile
+    from .runtime.options import SolverOptions
 
     say = _progress(args.quiet)
     out = Path(args.output)
     if out.suffix != ".py":
         raise UsageError(f"-o {out}: the output must be a .py file")
-    obj = load_target(args.target)
     options = _parse_options(args.set)
+    try:
+        SolverOptions(**options)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"bad solver option: {exc}") from None
+    obj = load_target(args.target)
     if hasattr(obj, "kernels") and hasattr(obj, "layout"):
         layer = obj.configure(**options) if options else obj
     else:
-        try:
-            layer = compile(obj, cache_dir=args.cache_dir, verbose=not args.quiet, warmup=False, **options)
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, ImplicitCompilerError):
-                raise
-            raise UsageError(f"bad solver option: {exc}") from None
+        layer = compile(obj, cache_dir=args.cache_dir, verbose=not args.quiet, warmup=False, **options)
     say(f"writing standalone module {out}")
     export_layer(layer, out)
     if args.warm:
