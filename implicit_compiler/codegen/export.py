@@ -38,7 +38,8 @@ from ..errors import ImplicitCompilerError
 
 PACKAGE = "implicit_compiler"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
-ROOTS = ("implicit_compiler.torch.module",)
+DEFAULT_LAYER_CLASS = "implicit_compiler.torch.module.ImplicitLayer"
+DEFAULT_OPTIONS_CLASS = "implicit_compiler.runtime.options.SolverOptions"
 ALLOWED_THIRD_PARTY = {"numpy", "numba", "torch"}
 KERNEL_SECTION = "<kernels>"
 
@@ -170,8 +171,8 @@ class _Source:
         return "\n".join(lines).strip("\n")
 
 
-def _sources(kernel_source: str) -> list[_Source]:
-    """The kernel module and everything it and the torch layer import, dependencies first."""
+def _sources(kernel_source: str, roots) -> list[_Source]:
+    """The kernel module and everything it and the ``roots`` import, dependencies first."""
     kernels = _Source(KERNEL_SECTION, kernel_source, "<generated kernel module>")
     found: dict[str, _Source] = {}
     order: list[str] = []
@@ -188,7 +189,7 @@ def _sources(kernel_source: str) -> list[_Source]:
             visit(dep, stack + (modname,))
         order.append(modname)
 
-    for root in list(kernels.deps) + list(ROOTS):
+    for root in list(kernels.deps) + list(roots):
         visit(root, ())
     return [found[m] for m in order] + [kernels]
 
@@ -222,13 +223,24 @@ def _options_dict(options) -> dict:
     return dict(options)
 
 
-def standalone_source(kernel_source: str, *, options=None, name: str = "layer") -> str:
+def _split_class(path: str) -> tuple[str, str]:
+    module, _, cls = path.rpartition(".")
+    if not _internal(module) or _module_path(module) is None:
+        raise ExportError(f"{path} is not a class of the {PACKAGE} package; cannot inline it")
+    return module, cls
+
+
+def standalone_source(kernel_source: str, *, options=None, name: str = "layer",
+                      layer_class: str = DEFAULT_LAYER_CLASS, options_class: str = DEFAULT_OPTIONS_CLASS) -> str:
     """The text of a standalone module for a generated ``kernel_source``.
 
     ``options`` (a :class:`SolverOptions` or a dict) become the defaults of
-    ``make_layer()`` in the file.
+    ``make_layer()`` in the file; ``layer_class`` and ``options_class`` (dotted paths in
+    the package) are the classes ``make_layer`` builds, inlined with their imports.
     """
-    sources = _sources(kernel_source)
+    layer_mod, layer_cls = _split_class(layer_class)
+    options_mod, options_cls = _split_class(options_class)
+    sources = _sources(kernel_source, (layer_mod, options_mod))
     _check_names(sources)
     inlined = {s.modname for s in sources}
     module_aliases = set()
@@ -287,7 +299,7 @@ def standalone_source(kernel_source: str, *, options=None, name: str = "layer") 
         "def make_layer(**options):",
         '    """A new ImplicitLayer over the kernels of this file; ``options`` (SolverOptions fields)',
         '    override DEFAULT_OPTIONS, the options of the exported layer."""',
-        "    return ImplicitLayer(_IC_KERNELS, SolverOptions(**{**DEFAULT_OPTIONS, **options}))",
+        f"    return {layer_cls}(_IC_KERNELS, {options_cls}(**{{**DEFAULT_OPTIONS, **options}}))",
         "",
         "",
         "layer = make_layer()",
@@ -301,7 +313,10 @@ def export_layer(layer, path) -> Path:
     path = Path(path)
     if path.suffix != ".py":
         raise ExportError(f"the output file must end in .py to be importable, got {path}")
-    text = standalone_source(layer.source, options=layer.options, name=layer.layout.get("name", "layer"))
+    cls, opts = type(layer), type(layer.options)
+    text = standalone_source(layer.source, options=layer.options, name=layer.layout.get("name", "layer"),
+                             layer_class=f"{cls.__module__}.{cls.__qualname__}",
+                             options_class=f"{opts.__module__}.{opts.__qualname__}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w") as fh:

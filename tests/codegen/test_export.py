@@ -86,5 +86,7 @@ def test_bad_sources_are_refused(appendix_layer):
         standalone_source(appendix_layer.source + "\nimport sympy\n")
     with pytest.raises(ExportError, match="'newton_one' is defined in both implicit_compiler/runtime/newton.py"):
         standalone_source(appendix_layer.source + "\ndef newton_one():\n    pass\n")
+    with pytest.raises(ExportError, match="torch.nn.Module is not a class of the implicit_compiler package"):
+        standalone_source(appendix_layer.source, layer_class="torch.nn.Module")
     with pytest.raises(ExportError, match="must end in .py"):
         export_layer(appendix_layer, "layer.txt")
