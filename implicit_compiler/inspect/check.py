@@ -26,6 +26,7 @@ import sympy as sp
 
 from ..errors import InputError, SystemDefinitionError
 from ..runtime.status import Status
+from .report import residual_system_of
 
 EPS = np.finfo(float).eps
 
@@ -268,7 +269,9 @@ def check(layer, params=None, *, y0=None, random_points: int = 3, seed: int = 0,
         Every comparison and note; truthy when everything passed.
     """
     system = getattr(layer, "system", None)
-    if system is None or not hasattr(system, "derivation"):
+    if system is not None:
+        system = residual_system_of(system)  # a problem's residual system is its .system
+    if system is None:
         raise SystemDefinitionError(
             "check() needs the symbolic system of the layer (layer.system is None: a standalone "
             "export or a layer built from a kernel module); compile the ResidualSystem with "
