@@ -6,6 +6,7 @@ function theorem.
 """
 
 from ._version import __version__
+from .codegen.export import export_layer
 from .compiler import compile
 from .errors import (
     ConvergenceError,
@@ -14,6 +15,7 @@ from .errors import (
     StructuralSingularityError,
     SystemDefinitionError,
 )
+from .inspect import check, report
 from .runtime.kernels import SolveResult
 from .runtime.options import SolverOptions
 from .runtime.status import Status
@@ -24,6 +26,9 @@ from .torch.module import ImplicitLayer, SolveInfo
 __all__ = [
     "__version__",
     "compile",
+    "report",
+    "check",
+    "export_layer",
     "ResidualSystem",
     "FixedPoint",
     "Problem",

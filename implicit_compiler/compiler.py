@@ -71,9 +71,9 @@ def warm(layer: ImplicitLayer) -> None:
     Y0 = np.zeros((1, k.n))
     method = layer.options.method or layer.layout.get("default_method", "newton")
     need = np.ones(len(layer.layout["param_groups"]), dtype=np.bool_)
-    for threshold in (2, 1):  # serial, then parallel build
-        res = k.solve(P, Y0, layer.options.replace(max_iter=0, method=method, parallel_threshold=threshold))
-        k.vjp(res, np.zeros((1, k.n)), need, threshold)
+    # One build per kernel: batches large enough for threads call the same functions.
+    res = k.solve(P, Y0, layer.options.replace(max_iter=0, method=method))
+    k.vjp(res, np.zeros((1, k.n)), need)
 
 
 def compile_problem(problem, *, cache_dir=None, verbose: bool = False, warmup: bool = True, forward=None,
@@ -104,7 +104,8 @@ def compile_problem(problem, *, cache_dir=None, verbose: bool = False, warmup: b
         k = layer.kernels
         need = np.ones(len(layer.layout["param_groups"]), dtype=np.bool_)
         # the serial build only: the multi-threaded one compiles on the first large batch
-        res = k.solve(np.zeros((1, k.m)), np.zeros((1, k.nv)), opts.replace(max_iter=0, parallel_threshold=2))
+        serial = opts.replace(max_iter=0, parallel_threshold=2)
+        res = k.solve(np.zeros((1, k.m)), np.zeros((1, k.nv)), serial)
         k.vjp(res, np.zeros((1, k.n)), need, 2)
     report["total_seconds"] = time.perf_counter() - t0
     return layer

@@ -231,12 +231,14 @@ def _split_class(path: str) -> tuple[str, str]:
 
 
 def standalone_source(kernel_source: str, *, options=None, name: str = "layer",
-                      layer_class: str = DEFAULT_LAYER_CLASS, options_class: str = DEFAULT_OPTIONS_CLASS) -> str:
+                      layer_class: str = DEFAULT_LAYER_CLASS, options_class: str = DEFAULT_OPTIONS_CLASS,
+                      layer_kwargs: dict | None = None) -> str:
     """The text of a standalone module for a generated ``kernel_source``.
 
     ``options`` (a :class:`SolverOptions` or a dict) become the defaults of
     ``make_layer()`` in the file; ``layer_class`` and ``options_class`` (dotted paths in
-    the package) are the classes ``make_layer`` builds, inlined with their imports.
+    the package) are the classes ``make_layer`` builds, inlined with their imports;
+    ``layer_kwargs`` (plain data) are further keyword arguments of the layer class.
     """
     layer_mod, layer_cls = _split_class(layer_class)
     options_mod, options_cls = _split_class(options_class)
@@ -294,12 +296,13 @@ def standalone_source(kernel_source: str, *, options=None, name: str = "layer",
         "_IC_KERNELS = _IC_MODULES[" + repr(KERNEL_SECTION) + "]",
         "_IC_KERNELS.__file__ = __file__",
         f"DEFAULT_OPTIONS = {opts}",
+        f"LAYER_KWARGS = {pprint.pformat(dict(layer_kwargs or {}), width=100, sort_dicts=True)}",
         "",
         "",
         "def make_layer(**options):",
         '    """A new ImplicitLayer over the kernels of this file; ``options`` (SolverOptions fields)',
         '    override DEFAULT_OPTIONS, the options of the exported layer."""',
-        f"    return {layer_cls}(_IC_KERNELS, {options_cls}(**{{**DEFAULT_OPTIONS, **options}}))",
+        f"    return {layer_cls}(_IC_KERNELS, {options_cls}(**{{**DEFAULT_OPTIONS, **options}}), **LAYER_KWARGS)",
         "",
         "",
         "layer = make_layer()",
@@ -314,9 +317,11 @@ def export_layer(layer, path) -> Path:
     if path.suffix != ".py":
         raise ExportError(f"the output file must end in .py to be importable, got {path}")
     cls, opts = type(layer), type(layer.options)
+    export_kwargs = getattr(layer, "export_kwargs", None)
     text = standalone_source(layer.source, options=layer.options, name=layer.layout.get("name", "layer"),
                              layer_class=f"{cls.__module__}.{cls.__qualname__}",
-                             options_class=f"{opts.__module__}.{opts.__qualname__}")
+                             options_class=f"{opts.__module__}.{opts.__qualname__}",
+                             layer_kwargs=export_kwargs() if export_kwargs else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w") as fh:

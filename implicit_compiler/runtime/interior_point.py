@@ -41,11 +41,11 @@ from . import status as st
 from .linalg import lu_factor, lu_solve
 from .newton import check_solution
 
-TAU = 0.995
-SIGMA = 0.1
-ARMIJO = 1e-4
-MIN_STEP = 1e-12
-DIVERGED = 1e12
+IP_TAU = 0.995
+IP_SIGMA = 0.1
+IP_ARMIJO = 1e-4
+IP_MIN_STEP = 1e-12
+IP_DIVERGED = 1e12
 
 
 @njit(cache=True, inline="always")
@@ -113,7 +113,7 @@ def primal_infeasibility(q, r, h, g):
 
 
 @njit(cache=True, inline="always")
-def ip_one(n, q, r, m, ip_eval, ip_hess, residual_jacobian, factor_dense, jac_params_absmax,
+def ip_one(n, q, r, m, ip_eval, ip_hess, residual, residual_jacobian, factor_dense, jac_params_absmax,
            y0, p, tol, max_iter, singular_tol, weak_tol, vecs, mats, kpiv, z, J, piv, F, info):
     """Solve one sample; writes the KKT point ``z``, the factorised KKT Jacobian
     ``J``/``piv`` and ``info = (iterations, KKT residual, weakly active count)``.
@@ -121,7 +121,7 @@ def ip_one(n, q, r, m, ip_eval, ip_hess, residual_jacobian, factor_dense, jac_pa
     ``vecs`` and ``mats`` bundle the scratch arrays (Numba inlines functions of at most
     32 arguments, and inlining is what lets it cache a driver that takes kernels as
     arguments)."""
-    y, lam, nu, s, gradf, h, g, rd, rhs, rhs0, ds, dnu, yt, lamt, nut, st_, gradft, ht, gt = vecs
+    y, lam, nu, s, gradf, h, g, rd, rhs, rhs0, ds, dnu, yt, lamt, nut, st_, gradft, ht, gt, yt_z, Ft = vecs
     Jh, Jg, H, K, Jht, Jgt = mats
     nk = n + q
     info[0] = 0.0
@@ -167,7 +167,7 @@ def ip_one(n, q, r, m, ip_eval, ip_hess, residual_jacobian, factor_dense, jac_pa
         if it >= max_iter:
             status = st.INFEASIBLE if primal_infeasibility(q, r, h, g) > np.sqrt(tol) else st.MAX_ITERATIONS
             break
-        mu = max(SIGMA * avg, 0.1 * tol)
+        mu = max(IP_SIGMA * avg, 0.1 * tol)
         # reduced Newton matrix W = H + Jg^T diag(nu/s) Jg and right-hand side
         ip_hess(y, lam, nu, p, H)
         for a in range(n):
@@ -240,11 +240,11 @@ def ip_one(n, q, r, m, ip_eval, ip_hess, residual_jacobian, factor_dense, jac_pa
                 ds[i] = v
                 dnu[i] = (mu - s[i] * nu[i] - nu[i] * v) / s[i]
                 if ds[i] < 0.0:
-                    alpha = min(alpha, -TAU * s[i] / ds[i])
+                    alpha = min(alpha, -IP_TAU * s[i] / ds[i])
                 if dnu[i] < 0.0:
-                    alpha = min(alpha, -TAU * nu[i] / dnu[i])
+                    alpha = min(alpha, -IP_TAU * nu[i] / dnu[i])
             t = alpha
-            while t >= MIN_STEP:
+            while t >= IP_MIN_STEP:
                 for a in range(n):
                     yt[a] = y[a] + t * rhs[a]
                 for i in range(q):
@@ -254,7 +254,7 @@ def ip_one(n, q, r, m, ip_eval, ip_hess, residual_jacobian, factor_dense, jac_pa
                     st_[i] = s[i] + t * ds[i]
                 ip_eval(yt, p, gradft, ht, Jht, gt, Jgt)
                 phit = merit(n, q, r, lamt, nut, st_, mu, gradft, ht, Jht, gt, Jgt, rd)
-                if phit <= (1.0 - ARMIJO * t) * phi:
+                if phit <= (1.0 - IP_ARMIJO * t) * phi:
                     accepted = True
                     break
                 t *= 0.5
@@ -287,10 +287,10 @@ def ip_one(n, q, r, m, ip_eval, ip_hess, residual_jacobian, factor_dense, jac_pa
             big_m = max(big_m, nu[i])
         it += 1
         info[0] = it
-        if not (big_y < DIVERGED):
+        if not (big_y < IP_DIVERGED):
             status = st.UNBOUNDED
             break
-        if not (big_m < DIVERGED):
+        if not (big_m < IP_DIVERGED):
             status = st.INFEASIBLE
             break
     for a in range(n):
@@ -301,36 +301,82 @@ def ip_one(n, q, r, m, ip_eval, ip_hess, residual_jacobian, factor_dense, jac_pa
         z[n + q + i] = nu[i]
     if status != st.CONVERGED:
         return status
-    return kkt_finalize(n, q, r, residual_jacobian, factor_dense, jac_params_absmax,
-                        z, p, g, weak_tol, singular_tol, J, piv, F, info)
+    return kkt_finalize(n, q, r, residual, residual_jacobian, ip_eval, factor_dense, jac_params_absmax,
+                        z, p, weak_tol, singular_tol, J, piv, F, yt_z, Ft, gradf, h, Jh, g, Jg, info)
 
 
 @njit(cache=True, inline="always")
-def kkt_finalize(n, q, r, residual_jacobian, factor_dense, jac_params_absmax,
-                 z, p, g, weak_tol, singular_tol, J, piv, F, info):
-    """Classify the inequalities at the KKT point ``z``, factor the KKT Jacobian for the
-    backward pass, and return the status (see the module docstring for the rules)."""
+def _active_set_jacobian(n, q, r, residual_jacobian, z, p, g, weak_tol, J, F):
+    """KKT Jacobian at ``z`` with each complementarity row in its active-set form:
+    active (``ν_i > 0``): ``ν_i ∇g_i·dy = …`` (the ``g_i dν_i`` term dropped, as ``g_i = 0``
+    at the exact solution); inactive (``ν_i = 0``): ``g_i dν_i = …``; weakly active
+    (``ν_i = 0``, ``g_i ≈ 0``): ``dν_i = …``."""
     nz = n + q + r
-    weak = 0
-    for i in range(r):
-        k = n + q + i
-        if z[k] <= weak_tol and g[i] < -weak_tol:
-            z[k] = 0.0  # clearly inactive
-        elif z[k] <= weak_tol and g[i] >= -weak_tol:
-            z[k] = 0.0  # weakly active: treated as inactive
-            weak += 1
-    info[2] = weak
     for i in range(nz):
         for j in range(nz):
             J[i, j] = 0.0
     residual_jacobian(z, p, F, J)
-    if weak > 0:
-        for i in range(r):
-            k = n + q + i
-            if z[k] == 0.0 and g[i] >= -weak_tol:
-                for j in range(nz):
-                    J[k, j] = 0.0
-                J[k, k] = 1.0
+    for i in range(r):
+        k = n + q + i
+        if z[k] > 0.0:
+            J[k, k] = 0.0
+        elif g[i] >= -weak_tol:
+            for j in range(nz):
+                J[k, j] = 0.0
+            J[k, k] = 1.0
+
+
+@njit(cache=True, inline="always")
+def kkt_finalize(n, q, r, residual, residual_jacobian, ip_eval, factor_dense, jac_params_absmax,
+                 z, p, weak_tol, singular_tol, J, piv, F, zt, Ft, gradf, h, Jh, g, Jg, info):
+    """Classify the inequalities at the KKT point ``z``, polish it with one Newton step on
+    the active-set KKT system, factor that system's Jacobian for the backward pass, and
+    return the status (see the module docstring for the rules)."""
+    nz = n + q + r
+    ip_eval(z[:n], p, gradf, h, Jh, g, Jg)
+    weak = 0
+    for i in range(r):
+        k = n + q + i
+        if z[k] <= weak_tol:
+            if g[i] >= -weak_tol:
+                weak += 1  # weakly active: treated as inactive
+            z[k] = 0.0
+    info[2] = weak
+    # Polish: an interior point stops at g_i ν_i ≈ μ, so active constraints hold only to
+    # about μ / ν_i. One Newton step on the active-set system removes that error (exactly,
+    # for a QP); it is kept when it keeps the active set and does not increase the residual.
+    _active_set_jacobian(n, q, r, residual_jacobian, z, p, g, weak_tol, J, F)
+    r0 = 0.0
+    for i in range(nz):
+        r0 = max(r0, abs(F[i]))
+    if factor_dense(J, piv) > 0.0:
+        for i in range(nz):
+            Ft[i] = -F[i]
+        lu_solve(nz, J, piv[:nz], Ft)
+        for i in range(nz):
+            zt[i] = z[i] + Ft[i]
+        residual(zt, p, Ft)
+        r1 = 0.0
+        for i in range(nz):
+            r1 = max(r1, abs(Ft[i]))
+        keep = r1 <= r0 and np.isfinite(r1)
+        if keep:
+            ip_eval(zt[:n], p, gradf, h, Jh, g, Jg)
+            for i in range(r):
+                k = n + q + i
+                if (z[k] > 0.0 and not (zt[k] > 0.0)) or (z[k] == 0.0 and g[i] > weak_tol):
+                    keep = False
+        if keep:
+            for i in range(r):
+                k = n + q + i
+                if z[k] == 0.0:
+                    zt[k] = 0.0  # inactive stays exactly inactive (its step is rounding noise)
+            for i in range(nz):
+                z[i] = zt[i]
+            info[1] = r1
+        else:
+            ip_eval(z[:n], p, gradf, h, Jh, g, Jg)
+        _active_set_jacobian(n, q, r, residual_jacobian, z, p, g, weak_tol, J, F)
     # Dense LU with partial pivoting: the KKT matrix is indefinite and, with the rows
     # replaced above, not the matrix a fixed elimination order was chosen for.
     min_pivot = factor_dense(J, piv)

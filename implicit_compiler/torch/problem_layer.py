@@ -39,6 +39,15 @@ class ProblemLayer(ImplicitLayer):
         self._default_y0 = self._default_y0[:nv]
         self.return_multipliers = return_multipliers
 
+    def export_kwargs(self) -> dict:
+        """The constructor arguments a standalone export needs (plain data only)."""
+        if self.kernels.forward is not None:
+            raise ValueError(
+                "this layer's forward pass is a Python callable, which cannot be written into a "
+                "standalone module; export the problem without forward= (interior-point forward) instead"
+            )
+        return {"return_multipliers": self.return_multipliers, "weak_tol": self.kernels.weak_tol}
+
     def _initial(self, y0, B: int) -> np.ndarray:
         nv = self.kernels.nv
         if y0 is None:
