@@ -11,8 +11,11 @@ The module holds, for that system only:
 * ``factor / factor_dense / solve / solve_transpose``: dense LU with partial
   pivoting, or fixed-order sparse elimination over the fill pattern with a
   pivot check that falls back to dense LU,
-* batched drivers (serial and ``prange``-parallel) that call the generic
-  per-sample solvers in :mod:`implicit_compiler.runtime`.
+* range drivers ``newton_range(lo, hi, ...)``, ``fixed_point_range``, ``vjp_range``
+  (serial, ``nogil``; the runtime splits large batches over threads): for small
+  dense systems the Newton and VJP drivers are emitted with scalar per-sample
+  state, otherwise they call the generic per-sample solvers in
+  :mod:`implicit_compiler.runtime`.
 
 Expression kernels are printed from SymPy with :class:`NumbaPrinter`; the
 drivers come from the text template in ``templates/drivers.py.txt``.
@@ -30,7 +33,7 @@ from .._version import __version__
 from .printer import NumbaPrinter
 
 INDENT = "    "
-CHUNK = 64  # samples per parallel work item (scratch arrays are allocated per chunk)
+CHUNK = 64  # samples per prange work item in the optimisation-problem drivers
 
 
 def slot_map(unknowns, params) -> dict:
@@ -127,10 +130,54 @@ def _kernel_vjp_params(d, smap, param_groups):
     return ["@njit(cache=True, inline='always')", "def vjp_params(y, p, v, need, out):", *body]
 
 
+def _compressed(mask: np.ndarray, by_rows: bool):
+    """(ptr, idx) of the True positions of ``mask``, row by row (or column by column)."""
+    m = mask if by_rows else mask.T
+    counts = m.sum(axis=1)
+    ptr = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+    idx = np.concatenate([np.flatnonzero(row) for row in m] + [np.zeros(0, dtype=int)]).astype(int)
+    return ptr, idx
+
+
+def _int_array(name: str, values) -> str:
+    body = ", ".join(str(int(v)) for v in values)
+    return f"{name} = np.array([{body}], dtype=np.int64)"
+
+
+def _kernels_factor_sparse_loops(d, pivot_threshold: float):
+    """Elimination over the fill pattern by index arrays (large systems: compiles in constant time)."""
+    fill = d.fill
+    lower = np.tril(fill, -1)
+    upper = np.triu(fill, 1)
+    arrays = {
+        "_LCOL": _compressed(lower, by_rows=False),  # below the diagonal, by column
+        "_LROW": _compressed(lower, by_rows=True),
+        "_UROW": _compressed(upper, by_rows=True),   # right of the diagonal, by row
+        "_UCOL": _compressed(upper, by_rows=False),
+    }
+    out = ["# Fill pattern of the fixed-order elimination (compressed rows / columns of L and U)."]
+    for name, (ptr, idx) in arrays.items():
+        out += [_int_array(f"{name}_PTR", ptr), _int_array(f"{name}_IDX", idx)]
+    out += [
+        "", "",
+        "@njit(cache=True, inline='always')", "def factor(J, piv):",
+        f"{INDENT}return sparse_lu_factor(N, J, piv, _LCOL_PTR, _LCOL_IDX, _UROW_PTR, _UROW_IDX, {pivot_threshold!r})",
+        "", "",
+        "@njit(cache=True, inline='always')", "def _solve_sparse(J, b):",
+        f"{INDENT}sparse_lu_solve(N, J, b, _LROW_PTR, _LROW_IDX, _UROW_PTR, _UROW_IDX)",
+        "", "",
+        "@njit(cache=True, inline='always')", "def _solve_transpose_sparse(J, b):",
+        f"{INDENT}sparse_lu_solve_transpose(N, J, b, _LCOL_PTR, _LCOL_IDX, _UCOL_PTR, _UCOL_IDX)",
+    ]
+    return out
+
+
 def _kernels_factor_sparse(d, pivot_threshold: float):
     """Straight-line elimination over the fill pattern in the natural order."""
     fill = d.fill
     n = d.n
+    if n >= SPARSE_LOOPS_MIN_N:
+        return _kernels_factor_sparse_loops(d, pivot_threshold)
     f = ["@njit(cache=True, inline='always')", "def factor(J, piv):",
          f"{INDENT}piv[{n}] = 0", f"{INDENT}minp = math.inf"]
     for k in range(n):
@@ -179,6 +226,10 @@ def _kernels_factor_sparse(d, pivot_threshold: float):
 # whole per-sample state in local scalars (y_0, F_0, a_0_1, ...), which LLVM keeps in
 # registers; they mirror runtime.newton.newton_one and runtime.linalg step by step.
 SCALAR_MAX_N = 6
+# Above this size the per-system building blocks are compiled as separate functions.
+INLINE_MAX_N = 12
+# From this size on, sparse elimination loops over index arrays instead of being unrolled.
+SPARSE_LOOPS_MIN_N = 13
 
 
 def use_scalar_kernels(d) -> bool:
@@ -415,8 +466,18 @@ def emit_module(derivation, layout: dict, key: str, options: dict | None = None)
     if d.factorization == "sparse":
         sections.append(_kernels_factor_sparse(d, opts["pivot_threshold"]))
     sections.append(_kernels_factor_wrappers(d.factorization))
+    large = d.n > INLINE_MAX_N
     for sec in sections:
-        out.append("\n".join(sec) + "\n")
+        text = "\n".join(sec) + "\n"
+        if large:
+            # Compile each building block once and call it: inlined, the Newton driver
+            # holds several copies of each (LLVM took a minute on a 50-unknown system).
+            # The dense fallback LU runs with a run-time size: fully specialised to N
+            # it unrolls into thousands of instructions for no measurable gain.
+            text = text.replace("inline='always'", "inline='never'")
+            for fn in ("lu_factor", "lu_solve", "lu_solve_transpose"):
+                text = text.replace(f"{fn}(N, J,", f"{fn}(J.shape[0], J,")
+        out.append(text)
     templates = resources.files("implicit_compiler.codegen").joinpath("templates")
     if use_scalar_kernels(d):
         out.append("\n".join(_kernels_scalar(d, layout["param_groups"])) + "\n")
@@ -453,7 +514,9 @@ def _header(d, layout, key) -> str:
     lines.append("#\n# Do not edit: this file is regenerated from the system when its hash changes.")
     lines += ["", "import math", "", "import numpy as np", "from numba import njit, prange", "",
               "from implicit_compiler.runtime.fixed_point import fixed_point_one",
-              "from implicit_compiler.runtime.linalg import lu_factor, lu_solve, lu_solve_transpose",
+              "from implicit_compiler.runtime.linalg import (lu_factor, lu_solve, lu_solve_transpose,",
+              "                                              sparse_lu_factor, sparse_lu_solve,",
+              "                                              sparse_lu_solve_transpose)",
               "from implicit_compiler.runtime.status import (CONVERGED, LINE_SEARCH_FAILED, MAX_ITERATIONS, NONFINITE,",
               "                                              SINGULAR_AT_SOLUTION, SINGULAR_JACOBIAN)",
               "from implicit_compiler.runtime.newton import ARMIJO_C, MIN_STEP, nan_max, newton_one"]

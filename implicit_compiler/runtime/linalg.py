@@ -83,3 +83,77 @@ def lu_solve_transpose(n, LU, piv, b):
             t = b[k]
             b[k] = b[p]
             b[p] = t
+
+
+# ---------------------------------------------------------------- fixed-order sparse elimination
+# For larger sparse systems the generated module passes its fill pattern as index
+# arrays (compressed rows / columns of the strict lower part L and upper part U)
+# instead of unrolling the elimination into straight-line code: Numba's and LLVM's
+# compile time grows with every emitted statement. The arithmetic, and its order,
+# are those of the straight-line code. Position sets are closed under elimination
+# (they come from the symbolic factorisation), so every update lands in the pattern.
+
+
+@njit(cache=True)
+def sparse_lu_factor(n, J, piv, lcol_ptr, lcol_idx, urow_ptr, urow_idx, threshold):
+    """Eliminate in the natural order over the fill pattern. Returns ``min_k |U[k, k]|``,
+    or -1.0 when a pivot fails ``|pivot| >= threshold * max |entries below it|`` (or is 0)."""
+    piv[n] = 0
+    minp = np.inf
+    for k in range(n):
+        a = abs(J[k, k])
+        lo = lcol_ptr[k]
+        hi = lcol_ptr[k + 1]
+        cmax = 0.0
+        for q in range(lo, hi):
+            v = abs(J[lcol_idx[q], k])
+            if not v <= cmax:  # NaN propagates and fails the test below
+                cmax = v
+        if not (a > 0.0 and a >= threshold * cmax):
+            return -1.0
+        if a < minp:
+            minp = a
+        if hi > lo:
+            inv = 1.0 / J[k, k]
+            for q in range(lo, hi):
+                i = lcol_idx[q]
+                J[i, k] *= inv
+                lik = J[i, k]
+                for r in range(urow_ptr[k], urow_ptr[k + 1]):
+                    j = urow_idx[r]
+                    J[i, j] -= lik * J[k, j]
+    return minp
+
+
+@njit(cache=True)
+def sparse_lu_solve(n, J, b, lrow_ptr, lrow_idx, urow_ptr, urow_idx):
+    """``b <- A^{-1} b`` with the factors of :func:`sparse_lu_factor`."""
+    for i in range(n):
+        s = b[i]
+        for q in range(lrow_ptr[i], lrow_ptr[i + 1]):
+            j = lrow_idx[q]
+            s -= J[i, j] * b[j]
+        b[i] = s
+    for i in range(n - 1, -1, -1):
+        s = b[i]
+        for q in range(urow_ptr[i], urow_ptr[i + 1]):
+            j = urow_idx[q]
+            s -= J[i, j] * b[j]
+        b[i] = s / J[i, i]
+
+
+@njit(cache=True)
+def sparse_lu_solve_transpose(n, J, b, lcol_ptr, lcol_idx, ucol_ptr, ucol_idx):
+    """``b <- A^{-T} b`` with the factors of :func:`sparse_lu_factor`."""
+    for i in range(n):
+        s = b[i]
+        for q in range(ucol_ptr[i], ucol_ptr[i + 1]):
+            j = ucol_idx[q]
+            s -= J[j, i] * b[j]
+        b[i] = s / J[i, i]
+    for i in range(n - 1, -1, -1):
+        s = b[i]
+        for q in range(lcol_ptr[i], lcol_ptr[i + 1]):
+            j = lcol_idx[q]
+            s -= J[j, i] * b[j]
+        b[i] = s
