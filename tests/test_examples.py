@@ -1,0 +1,62 @@
+"""The showcase examples in examples/ run (quick mode) and do what their docstrings say.
+
+Each example's ``main(quick=True, out=...)`` trains for a few steps and returns numbers; the plot
+is written to a temporary directory when matplotlib is installed.
+"""
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+
+
+def run(name, tmp_path):
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    module = importlib.import_module(name)
+    assert module.__doc__ and "Run:" in module.__doc__
+    result = module.main(quick=True, out=str(tmp_path))
+    if HAVE_MPL:
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
+    return result
+
+
+def test_qp_digits(tmp_path):
+    pytest.importorskip("sklearn")
+    r = run("qp_digits", tmp_path)
+    assert r["last_loss"] < 0.6 * r["first_loss"]
+    assert r["train_accuracy"] > 0.6 and r["test_accuracy"] > 0.6  # chance is 0.1
+
+
+def test_spectral_matching(tmp_path):
+    r = run("spectral_matching", tmp_path)
+    assert r["loss_after"] < 0.6 * r["loss_before"]
+    assert r["test_accuracy_after"] > r["test_accuracy_before"] + 0.1
+    assert r["test_accuracy_after"] > 0.85
+    assert r["noise_weight"] < 0.2 * r["informative_weight"]  # learned to ignore the corrupted channels
+
+
+def test_normalized_cuts(tmp_path):
+    r = run("normalized_cuts", tmp_path)
+    assert r["loss_after"] < 0.2 * r["loss_before"]
+    assert r["iou_test_after"] > 0.9 and r["iou_test_after"] > r["iou_test_before"] + 0.3
+    assert r["intensity_weight"] > 10 * r["noise_weight"]
+
+
+def test_level_set(tmp_path):
+    r = run("level_set", tmp_path)
+    assert r["loss_last"] < 0.05 * r["loss_first"]
+    assert r["rms_train_after"] < 0.2 * r["rms_train_before"]
+    assert r["rms_test_after"] < 0.2 * r["rms_test_before"]  # held-out rays: the surface itself fits
+
+
+def test_ode_layer(tmp_path):
+    r = run("ode_layer", tmp_path)
+    assert r["loss_last"] < 1e-3 * r["loss_first"]
+    assert r["a"] == pytest.approx(r["true_a"], rel=0.03)
+    assert r["c"] == pytest.approx(r["true_c"], rel=0.05)
