@@ -77,8 +77,16 @@ def warm(layer: ImplicitLayer) -> None:
 
 
 def compile_problem(problem, *, cache_dir=None, verbose: bool = False, warmup: bool = True, forward=None,
-                    return_multipliers: bool = False, weak_tol: float | None = None, **options):
-    """Compile an optimization :class:`Problem` into a :class:`ProblemLayer` (see :func:`compile`)."""
+                    return_multipliers: bool = False, weak_tol: float | None = None, warn_weakly_active: bool = True,
+                    **options):
+    """Compile an optimization :class:`Problem` into a :class:`ProblemLayer` (see :func:`compile`).
+
+    ``forward``: a callable computing the solution instead of the generated interior point
+    (it gets one NumPy array per parameter group, batch first, and returns ``y`` or
+    ``(y, lam, nu)``); ``return_multipliers``: also output ``lam`` and ``nu``;
+    ``weak_tol``: the "≈ 0" of weakly active constraints (default ``10 sqrt(tol)``);
+    ``warn_weakly_active``: warn when a call meets one (``layer.solve`` reports them always).
+    """
     from .codegen.emit_problem import emit_problem_module
     from .torch.problem_layer import ProblemLayer
 
@@ -97,15 +105,20 @@ def compile_problem(problem, *, cache_dir=None, verbose: bool = False, warmup: b
     report["written"] = cache.write_module(path, source)
     module = cache.load_module(path)
     layer = ProblemLayer(module, opts, system=problem, compile_report=report, forward=forward,
-                         return_multipliers=return_multipliers, weak_tol=weak_tol)
-    if warmup and forward is None:
+                         return_multipliers=return_multipliers, weak_tol=weak_tol,
+                         warn_weakly_active=warn_weakly_active)
+    if warmup:
         import numpy as np
 
         k = layer.kernels
         need = np.ones(len(layer.layout["param_groups"]), dtype=np.bool_)
-        # the serial build only: the multi-threaded one compiles on the first large batch
+        P = np.zeros((1, k.m))
         serial = opts.replace(max_iter=0, parallel_threshold=2)
-        res = k.solve(np.zeros((1, k.m)), np.zeros((1, k.nv)), serial)
+        if forward is None:
+            res = k.solve(P, np.zeros((1, k.nv)), serial)
+        else:
+            # compile the KKT check/factorisation the custom forward's results go through
+            res = k.finalize(np.zeros((1, k.n)), P, serial)
         k.vjp(res, np.zeros((1, k.n)), need, 2)
     report["total_seconds"] = time.perf_counter() - t0
     return layer

@@ -44,11 +44,24 @@ class ProblemKernels(Kernels):
                 Y0, P, float(options.tol), int(options.max_iter), float(options.singular_tol),
                 float(weak_tol), Z, LU, PIV, STATUS, INFO)
         else:
-            Z[:] = self._custom_forward(P)
-            getattr(self.module, "kkt_finalize_batch_" + suffix)(
-                Z, P, float(weak_tol), float(options.singular_tol), LU, PIV, STATUS, INFO)
-            bad = (STATUS == st.CONVERGED) & ~(INFO[:, 1] <= self.kkt_tol * (1.0 + np.abs(Z).max(axis=1)))
-            STATUS[bad] = st.NOT_OPTIMAL
+            return self.finalize(self._custom_forward(P), P, options)
+        res = SolveResult(Z, STATUS, INFO[:, 0].astype(np.int64), INFO[:, 1], P, LU, PIV)
+        res.weakly_active = INFO[:, 2].astype(np.int64)
+        return res
+
+    def finalize(self, Z: np.ndarray, P: np.ndarray, options: SolverOptions) -> SolveResult:
+        """Check a KKT point ``Z = (y, λ, ν)`` computed elsewhere, polish it, and factor the
+        KKT system there; a point that does not satisfy the KKT conditions gets ``NOT_OPTIMAL``."""
+        P = _kernel_array(P)
+        Z = np.array(Z, dtype=np.float64, order="C")
+        B = P.shape[0]
+        _, LU, PIV, STATUS, INFO = self._alloc(B)
+        weak_tol = self.weak_tol if self.weak_tol is not None else 10.0 * np.sqrt(options.tol)
+        suffix = "parallel" if B >= options.parallel_threshold else "serial"
+        getattr(self.module, "kkt_finalize_batch_" + suffix)(
+            Z, P, float(weak_tol), float(options.singular_tol), LU, PIV, STATUS, INFO)
+        bad = (STATUS == st.CONVERGED) & ~(INFO[:, 1] <= self.kkt_tol * (1.0 + np.abs(Z).max(axis=1)))
+        STATUS[bad] = st.NOT_OPTIMAL
         res = SolveResult(Z, STATUS, INFO[:, 0].astype(np.int64), INFO[:, 1], P, LU, PIV)
         res.weakly_active = INFO[:, 2].astype(np.int64)
         return res

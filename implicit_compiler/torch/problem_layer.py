@@ -29,7 +29,7 @@ class ProblemLayer(ImplicitLayer):
     """
 
     def __init__(self, module, options=None, system=None, compile_report=None, *, forward=None,
-                 return_multipliers: bool = False, weak_tol: float | None = None):
+                 return_multipliers: bool = False, weak_tol: float | None = None, warn_weakly_active: bool = True):
         super().__init__(module, options, system=system, compile_report=compile_report)
         self.kernels = ProblemKernels(module, forward=forward, weak_tol=weak_tol)
         nv = self.kernels.nv
@@ -38,6 +38,7 @@ class ProblemLayer(ImplicitLayer):
         self._unknown_groups = groups if return_multipliers else self._variable_groups
         self._default_y0 = self._default_y0[:nv]
         self.return_multipliers = return_multipliers
+        self.warn_weakly_active = warn_weakly_active
 
     def export_kwargs(self) -> dict:
         """The constructor arguments a standalone export needs (plain data only)."""
@@ -46,7 +47,8 @@ class ProblemLayer(ImplicitLayer):
                 "this layer's forward pass is a Python callable, which cannot be written into a "
                 "standalone module; export the problem without forward= (interior-point forward) instead"
             )
-        return {"return_multipliers": self.return_multipliers, "weak_tol": self.kernels.weak_tol}
+        return {"return_multipliers": self.return_multipliers, "weak_tol": self.kernels.weak_tol,
+                "warn_weakly_active": self.warn_weakly_active}
 
     def _initial(self, y0, B: int) -> np.ndarray:
         nv = self.kernels.nv
@@ -72,7 +74,7 @@ class ProblemLayer(ImplicitLayer):
 
     def _remember(self, res: SolveResult) -> None:
         weak = getattr(res, "weakly_active", None)
-        if weak is not None and weak.any():
+        if self.warn_weakly_active and weak is not None and weak.any():
             idx = np.flatnonzero(weak)
             warnings.warn(
                 f"{idx.size} sample(s) ({', '.join(map(str, idx[:10]))}{' ...' if idx.size > 10 else ''}) have "

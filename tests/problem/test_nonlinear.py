@@ -111,6 +111,11 @@ def test_weakly_active_constraint_is_treated_as_inactive_with_warning():
     out.sum().backward()
     torch.testing.assert_close(ts.grad, torch.ones_like(ts))  # dy/dt = 1 (inactive rule)
     assert torch.isfinite(ts.grad).all()
+    quiet = ic.compile(layer.system, warn_weakly_active=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet(ts)
+    assert quiet.solve(ts.detach().numpy()).weakly_active.tolist() == [1, 0]
 
 
 def test_infeasible_instance_is_reported():
