@@ -23,9 +23,7 @@ from .system import ResidualSystem
 def _constraint_list(items, kind: str) -> list:
     if items is None:
         return []
-    if isinstance(items, (sp.Basic, sp.MatrixBase)) and not isinstance(items, sp.MatrixBase):
-        items = [items]
-    items = list(items) if not isinstance(items, sp.MatrixBase) else list(items)
+    items = [items] if isinstance(items, sp.Basic) and not isinstance(items, sp.MatrixBase) else list(items)
     out = []
     for i, c in enumerate(items):
         if isinstance(c, sp.MatrixBase):
