@@ -40,6 +40,14 @@ class ProblemLayer(ImplicitLayer):
         self.return_multipliers = return_multipliers
         self.warn_weakly_active = warn_weakly_active
 
+    def extra_repr(self) -> str:
+        ins = ", ".join(f"{g['name']}{tuple(g['shape'])}" for g in self._param_groups)
+        outs = ", ".join(f"{g['name']}{tuple(g['shape'])}" for g in self._unknown_groups)
+        k = self.kernels
+        forward = "custom forward" if k.forward is not None else "interior point"
+        return (f"{self.layout['name']}: ({ins}) -> ({outs}), optimization problem with {k.nv} variables, "
+                f"{k.nq} equalities, {k.nr} inequalities ({forward})")
+
     def export_kwargs(self) -> dict:
         """The constructor arguments a standalone export needs (plain data only)."""
         if self.kernels.forward is not None:
