@@ -720,8 +720,6 @@ def main(argv=None) -> None:
     print(f"implicit_compiler {ic.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"numba {numba.__version__} ({get_num_threads()} threads, {numba.threading_layer()} layer), "
           f"python {sys.version.split()[0]}")
-    print("the threading layer applies to the hand-written Numba references; implicit_compiler splits "
-          "large batches over its own thread pool")
     print(f"tol={TOL:g}, xtol={XTOL:g}, max_iter={MAX_ITER}; times: min over {repeat} timeit repeats, fwd+bwd")
 
     t = time.perf_counter()

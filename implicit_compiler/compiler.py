@@ -71,9 +71,9 @@ def warm(layer: ImplicitLayer) -> None:
     Y0 = np.zeros((1, k.n))
     method = layer.options.method or layer.layout.get("default_method", "newton")
     need = np.ones(len(layer.layout["param_groups"]), dtype=np.bool_)
-    # One build per kernel: batches large enough for threads call the same functions.
-    res = k.solve(P, Y0, layer.options.replace(max_iter=0, method=method))
-    k.vjp(res, np.zeros((1, k.n)), need)
+    for threshold in (2, 1):  # the serial range kernels, then the prange drivers that call them
+        res = k.solve(P, Y0, layer.options.replace(max_iter=0, method=method, parallel_threshold=threshold))
+        k.vjp(res, np.zeros((1, k.n)), need, threshold)
 
 
 def compile_problem(problem, *, cache_dir=None, verbose: bool = False, warmup: bool = True, forward=None,

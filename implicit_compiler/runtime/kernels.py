@@ -6,12 +6,8 @@ torch layer and the NumPy entry point both call it.
 
 from __future__ import annotations
 
-import itertools
-import os
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,80 +84,6 @@ class ArrayPool:
         return arr
 
 
-class ThreadRunner:
-    """Runs a ``nogil`` range kernel ``fn(lo, hi, *args)`` over ``[0, B)`` on several threads.
-
-    The batch is cut into about four parts per thread; the calling thread and
-    ``threads - 1`` pool threads take parts in turn until none is left. The pool is
-    plain Python threads waiting on a lock, not an OpenMP team: nothing spins
-    between calls, and it does not compete with torch's own OpenMP threads the
-    way Numba's ``omp`` layer was seen to (parallel regions that took ~8 ms to start).
-    """
-
-    parts_per_thread = 4
-
-    def __init__(self):
-        self._executor = None
-        self._workers = 0
-        self._lock = threading.Lock()
-
-    def reset(self) -> None:
-        """Forget the pool (in a forked child its threads do not exist)."""
-        self._executor = None
-        self._workers = 0
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def threads() -> int:
-        """Numba's thread count: ``numba.set_num_threads`` once Numba's own pool is
-        running, else ``NUMBA_NUM_THREADS`` (default: the number of CPUs)."""
-        import numba
-        from numba.np.ufunc import parallel
-
-        if getattr(parallel, "_is_initialized", False):
-            return numba.get_num_threads()
-        return numba.config.NUMBA_NUM_THREADS
-
-    def _pool(self, workers: int) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._executor is None or self._workers < workers:
-                old = self._executor
-                self._executor = ThreadPoolExecutor(workers, thread_name_prefix="implicit_compiler")
-                self._workers = workers
-                if old is not None:
-                    old.shutdown(wait=False)
-            return self._executor
-
-    def run(self, fn, B: int, args: tuple, min_part: int = 64) -> None:
-        threads = min(self.threads(), max(1, B // min_part))
-        if threads <= 1:
-            fn(0, B, *args)
-            return
-        nparts = min(threads * self.parts_per_thread, max(1, B // min_part))
-        bounds = [B * i // nparts for i in range(nparts + 1)]
-        counter = itertools.count()
-
-        def work():
-            while True:
-                i = next(counter)  # atomic under the GIL
-                if i >= nparts:
-                    return
-                fn(bounds[i], bounds[i + 1], *args)
-
-        pool = self._pool(threads - 1)
-        futures = [pool.submit(work) for _ in range(threads - 1)]
-        try:
-            work()
-        finally:
-            for f in futures:
-                f.result()
-
-
-RUNNER = ThreadRunner()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=RUNNER.reset)
-
-
 class Kernels:
     MIN_PARALLEL_SECONDS = 200e-6
 
@@ -201,9 +123,8 @@ class Kernels:
             STATUS = pool.empty("STATUS", (B,), np.int8)
             INFO = pool.empty("INFO", (B, 2))
         method, scalars = self._scalar_options(options)
-        mod = self.module
-        fn = mod.newton_range if method == "newton" else mod.fixed_point_range
-        self._run(method, fn, B, (Y0, P, *scalars, Y, LU, PIV, STATUS, INFO), options.parallel_threshold)
+        kind = "newton" if method == "newton" else "fixed_point"
+        self._run(kind, B, (Y0, P, *scalars, Y, LU, PIV, STATUS, INFO), options.parallel_threshold)
         if B < 4096:
             iterations = INFO[:, 0].astype(np.int64)
         else:
@@ -234,24 +155,31 @@ class Kernels:
         B = Ybar.shape[0]
         PBAR = self.pool.empty("PBAR", (B, self.m))
         args = (res.y, res.p, res.lu, res.piv, res.status, Ybar, need, PBAR)
-        self._run("vjp", self.module.vjp_range, B, args, parallel_threshold)
+        self._run("vjp", B, args, parallel_threshold)
         return PBAR
 
-    def _run(self, kind: str, fn, B: int, args: tuple, parallel_threshold: int) -> None:
-        """``fn(0, B, *args)`` on this thread, or split over threads when the batch is at
-        least ``parallel_threshold`` samples and, by the last measured cost per sample,
-        at least ``MIN_PARALLEL_SECONDS`` of work (waking threads costs tens of
-        microseconds on an idle machine, hundreds on a loaded one)."""
+    def _run(self, kind: str, B: int, args: tuple, parallel_threshold: int) -> None:
+        """``<kind>_range(0, B, *args)`` on this thread, or the ``prange`` driver
+        ``<kind>_batch_parallel`` when the batch is at least ``parallel_threshold``
+        samples and, by the last measured cost per sample, at least
+        ``MIN_PARALLEL_SECONDS`` of work (starting Numba's threads costs tens of
+        microseconds on an idle machine, much more on a loaded one)."""
         cost = self._cost.get(kind)
         threaded = B >= parallel_threshold and (cost is None or B * cost >= self.MIN_PARALLEL_SECONDS)
         t0 = time.perf_counter()
         if threaded:
-            RUNNER.run(fn, B, args)
+            getattr(self.module, kind + "_batch_parallel")(*args)
         else:
-            fn(0, B, *args)
+            getattr(self.module, kind + "_range")(0, B, *args)
         if B >= 16:
             dt = time.perf_counter() - t0
-            self._cost[kind] = dt * (RUNNER.threads() if threaded else 1) / B
+            self._cost[kind] = dt * (self._threads() if threaded else 1) / B
+
+    @staticmethod
+    def _threads() -> int:
+        import numba
+
+        return numba.get_num_threads()
 
     def residual(self, Y: np.ndarray, P: np.ndarray) -> np.ndarray:
         out = np.empty_like(Y)

@@ -34,8 +34,9 @@ class SolverOptions:
     warm_start
         Start each call from the previous call's solution (same batch size, converged samples).
     parallel_threshold
-        Batches at least this large run on all cores (``prange`` over chunks of 64
-        samples); smaller ones run on the calling thread.
+        Batches at least this large may run on all cores (``prange`` over chunks of 64
+        samples); they do unless the last measured cost per sample says the batch is
+        under ~200 us of work. Smaller batches run on the calling thread.
     """
 
     tol: float = 1e-10
