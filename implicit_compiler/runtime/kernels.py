@@ -86,6 +86,7 @@ class ArrayPool:
 
 class Kernels:
     MIN_PARALLEL_SECONDS = 200e-6
+    UNMEASURED_PARALLEL_BATCH = 4096
 
     def __init__(self, module):
         self.module = module
@@ -98,7 +99,7 @@ class Kernels:
         # a subclass with drivers of its own always gets (B, n).
         self.shared_y0 = type(self).solve is Kernels.solve
         self._options_cache = None
-        self._cost = {}  # seconds per sample, last measured, per kernel
+        self._cost = {}  # seconds per sample, last measured on a serial run, per kernel
 
     def solve(self, P: np.ndarray, Y0: np.ndarray, options: SolverOptions) -> SolveResult:
         """Solve every sample. ``P``: ``(B, m)``, ``Y0``: ``(B, n)`` or ``(1, n)`` (float64)."""
@@ -161,19 +162,26 @@ class Kernels:
     def _run(self, kind: str, B: int, args: tuple, parallel_threshold: int) -> None:
         """``<kind>_range(0, B, *args)`` on this thread, or the ``prange`` driver
         ``<kind>_batch_parallel`` when the batch is at least ``parallel_threshold``
-        samples and, by the last measured cost per sample, at least
+        samples and, by the cost per sample last measured on this thread, at least
         ``MIN_PARALLEL_SECONDS`` of work (starting Numba's threads costs tens of
-        microseconds on an idle machine, much more on a loaded one)."""
+        microseconds on an idle machine, much more on a loaded one). Before any
+        measurement, only batches of ``UNMEASURED_PARALLEL_BATCH`` or more go threaded."""
         cost = self._cost.get(kind)
-        threaded = B >= parallel_threshold and (cost is None or B * cost >= self.MIN_PARALLEL_SECONDS)
-        t0 = time.perf_counter()
+        if cost is None:
+            # Not measured yet: only a clearly large batch is worth the threads unmeasured.
+            threaded = B >= max(parallel_threshold, self.UNMEASURED_PARALLEL_BATCH)
+        else:
+            threaded = B >= parallel_threshold and B * cost >= self.MIN_PARALLEL_SECONDS
         if threaded:
             getattr(self.module, kind + "_batch_parallel")(*args)
-        else:
-            getattr(self.module, kind + "_range")(0, B, *args)
+            return
+        t0 = time.perf_counter()
+        getattr(self.module, kind + "_range")(0, B, *args)
         if B >= 16:
-            dt = time.perf_counter() - t0
-            self._cost[kind] = dt * (self._threads() if threaded else 1) / B
+            # Measured on serial runs only: a threaded run's time includes starting the
+            # threads, which on a busy machine can stall for milliseconds and would
+            # otherwise keep sending small batches to the threads.
+            self._cost[kind] = (time.perf_counter() - t0) / B
 
     @staticmethod
     def _threads() -> int:
