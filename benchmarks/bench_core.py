@@ -41,6 +41,7 @@ Every implementation's solution and gradient are compared with implicit_compiler
 
 from __future__ import annotations
 
+import abc
 import argparse
 import json
 import os
@@ -114,17 +115,17 @@ def fmt_time(s: float | None) -> str:
 
 
 # ====================================================================== torch-native reference
-class TorchProblem:
+class TorchProblem(abc.ABC):
     """Residual, dF/dy and dF/dtheta in torch, batch first; ``p`` is ``(B, m)``."""
 
-    def residual(self, y, p):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def residual(self, y, p): ...
 
-    def jacobian(self, y, p):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def jacobian(self, y, p): ...
 
-    def jac_params(self, y, p):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def jac_params(self, y, p): ...
 
 
 class AppendixTorch(TorchProblem):
