@@ -16,6 +16,17 @@ def _progress(verbose: bool, msg: str) -> None:
         print(f"[implicit_compiler] {msg}", file=sys.stderr, flush=True)
 
 
+def _cached_module(content_hash: str, cache_dir, make_source, report: dict):
+    """Import the generated module for ``content_hash``, writing it with ``make_source(key)``
+    first when the cache does not have it; records path and hit/written in ``report``."""
+    key = cache.module_key(content_hash)
+    path = cache.module_path(key, cache_dir)
+    report["path"] = str(path)
+    report["cache_hit"] = path.exists()
+    report["written"] = cache.write_module(path, lambda: make_source(key))
+    return path, cache.load_module(path)
+
+
 def compile(system, *, cache_dir=None, verbose: bool = False, warmup: bool = True, **options) -> ImplicitLayer:
     """Compile a :class:`ResidualSystem` (or :class:`FixedPoint`) into an :class:`ImplicitLayer`.
 
@@ -33,12 +44,8 @@ def compile(system, *, cache_dir=None, verbose: bool = False, warmup: bool = Tru
     opts = SolverOptions(**options)
     report = {}
     t0 = time.perf_counter()
-    key = cache.module_key(system.content_hash())
-    path = cache.module_path(key, cache_dir)
-    report["path"] = str(path)
-    report["cache_hit"] = path.exists()
 
-    def source():
+    def source(key):
         _progress(verbose, f"deriving Jacobians of {system!r}")
         t = time.perf_counter()
         deriv = system.derivation
@@ -49,9 +56,8 @@ def compile(system, *, cache_dir=None, verbose: bool = False, warmup: bool = Tru
         report["codegen_seconds"] = time.perf_counter() - t
         return src
 
-    report["written"] = cache.write_module(path, source)
+    path, module = _cached_module(system.content_hash(), cache_dir, source, report)
     t = time.perf_counter()
-    module = cache.load_module(path)
     layer = ImplicitLayer(module, opts, system=system, compile_report=report)
     if warmup:
         _progress(verbose, f"compiling kernels with Numba ({path.name})")
@@ -93,17 +99,12 @@ def compile_problem(problem, *, cache_dir=None, verbose: bool = False, warmup: b
     opts = SolverOptions(**options)
     report = {}
     t0 = time.perf_counter()
-    key = cache.module_key(problem.content_hash())
-    path = cache.module_path(key, cache_dir)
-    report["path"] = str(path)
-    report["cache_hit"] = path.exists()
 
-    def source():
+    def source(key):
         _progress(verbose, f"deriving the KKT system of {problem!r}")
         return emit_problem_module(problem, problem.system.layout(), key)
 
-    report["written"] = cache.write_module(path, source)
-    module = cache.load_module(path)
+    _, module = _cached_module(problem.content_hash(), cache_dir, source, report)
     layer = ProblemLayer(module, opts, system=problem, compile_report=report, forward=forward,
                          return_multipliers=return_multipliers, weak_tol=weak_tol,
                          warn_weakly_active=warn_weakly_active)
