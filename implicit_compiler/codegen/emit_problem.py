@@ -106,6 +106,5 @@ def emit_problem_module(problem, layout: dict, key: str) -> str:
     for sec in problem_sections(problem):
         parts.append("\n".join(sec) + "\n")
     template = resources.files("implicit_compiler.codegen").joinpath("templates", "problem_drivers.py.txt").read_text()
-    for suffix, parallel in (("serial", "False"), ("parallel", "True")):
-        parts.append(template.replace("{suffix}", suffix).replace("{parallel}", parallel))
+    parts.append(template)
     return "\n\n".join(parts).rstrip() + "\n"

@@ -37,12 +37,13 @@ class ProblemKernels(Kernels):
         # An interior point ends with g_i ν_i ≈ μ ≈ tol: at a weakly active constraint both
         # are about sqrt(tol), so that sets the scale of "≈ 0" for the classification.
         weak_tol = self.weak_tol if self.weak_tol is not None else 10.0 * np.sqrt(options.tol)
-        suffix = "parallel" if B >= options.parallel_threshold else "serial"
         if self.forward is None:
             Y0 = _kernel_array(Y0[:, :self.nv]) if Y0.shape[1] != self.nv else _kernel_array(Y0)
-            getattr(self.module, "ip_batch_" + suffix)(
-                Y0, P, float(options.tol), int(options.max_iter), float(options.singular_tol),
-                float(weak_tol), Z, LU, PIV, STATUS, INFO)
+            if Y0.shape[0] != B:  # one shared initial guess
+                Y0 = np.ascontiguousarray(np.broadcast_to(Y0, (B, self.nv)))
+            args = (Y0, P, float(options.tol), int(options.max_iter), float(options.singular_tol),
+                    float(weak_tol), Z, LU, PIV, STATUS, INFO)
+            self._run("ip", B, args, options.parallel_threshold)
         else:
             return self.finalize(self._custom_forward(P), P, options)
         res = SolveResult(Z, STATUS, INFO[:, 0].astype(np.int64), INFO[:, 1], P, LU, PIV)
@@ -57,9 +58,8 @@ class ProblemKernels(Kernels):
         B = P.shape[0]
         _, LU, PIV, STATUS, INFO = self._alloc(B)
         weak_tol = self.weak_tol if self.weak_tol is not None else 10.0 * np.sqrt(options.tol)
-        suffix = "parallel" if B >= options.parallel_threshold else "serial"
-        getattr(self.module, "kkt_finalize_batch_" + suffix)(
-            Z, P, float(weak_tol), float(options.singular_tol), LU, PIV, STATUS, INFO)
+        args = (Z, P, float(weak_tol), float(options.singular_tol), LU, PIV, STATUS, INFO)
+        self._run("kkt_finalize", B, args, options.parallel_threshold)
         bad = (STATUS == st.CONVERGED) & ~(INFO[:, 1] <= self.kkt_tol * (1.0 + np.abs(Z).max(axis=1)))
         STATUS[bad] = st.NOT_OPTIMAL
         res = SolveResult(Z, STATUS, INFO[:, 0].astype(np.int64), INFO[:, 1], P, LU, PIV)
@@ -103,7 +103,7 @@ class ProblemKernels(Kernels):
         n, q, r = self.nv, self.nq, self.nr
         gradf, h, Jh, g, Jg = (np.empty((B, n)), np.empty((B, q)), np.zeros((B, q, n)),
                                np.empty((B, r)), np.zeros((B, r, n)))
-        self.module.ip_eval_batch_serial(_kernel_array(y), P, gradf, h, Jh, g, Jg)
+        self.module.ip_eval_batch(_kernel_array(y), P, gradf, h, Jh, g, Jg)
         out = np.zeros((B, q + r))
         tol = np.sqrt(self.kkt_tol)
         for b in range(B):
