@@ -46,6 +46,7 @@ IP_SIGMA = 0.1
 IP_ARMIJO = 1e-4
 IP_MIN_STEP = 1e-12
 IP_DIVERGED = 1e12
+POLISH_FROM = 1e-6  # KKT residual below which the active-set finish is tried
 
 
 @njit(cache=True, inline="always")
@@ -164,6 +165,24 @@ def ip_one(n, q, r, m, ip_eval, ip_hess, residual, residual_jacobian, factor_den
         if res <= tol:
             status = st.CONVERGED
             break
+        if res <= POLISH_FROM and it > 0:
+            # Close enough for the active set to show: try finishing with the active-set
+            # Newton step instead of driving mu all the way down. Kept only if the polished
+            # point solves the KKT conditions to tol and is primal feasible; otherwise the
+            # interior point goes on from where it was.
+            for a in range(n):
+                z[a] = y[a]
+            for i in range(q):
+                z[n + i] = lam[i]
+            for i in range(r):
+                z[n + q + i] = nu[i]
+            rp = kkt_polish(n, q, r, residual, residual_jacobian, ip_eval, factor_dense,
+                            z, p, weak_tol, J, piv, F, yt_z, Ft, gradft, ht, Jht, gt, Jgt, info)
+            if rp <= tol and primal_infeasibility(q, r, ht, gt) <= tol:
+                info[1] = rp
+                return kkt_factor(n, q, r, residual_jacobian, factor_dense, jac_params_absmax,
+                                  z, p, gt, weak_tol, singular_tol, J, piv, F)
+            info[2] = 0.0
         if it >= max_iter:
             status = st.INFEASIBLE if primal_infeasibility(q, r, h, g) > np.sqrt(tol) else st.MAX_ITERATIONS
             break
@@ -327,11 +346,13 @@ def _active_set_jacobian(n, q, r, residual_jacobian, z, p, g, weak_tol, J, F):
 
 
 @njit(cache=True, inline="always")
-def kkt_finalize(n, q, r, residual, residual_jacobian, ip_eval, factor_dense, jac_params_absmax,
-                 z, p, weak_tol, singular_tol, J, piv, F, zt, Ft, gradf, h, Jh, g, Jg, info):
-    """Classify the inequalities at the KKT point ``z``, polish it with one Newton step on
-    the active-set KKT system, factor that system's Jacobian for the backward pass, and
-    return the status (see the module docstring for the rules)."""
+def kkt_polish(n, q, r, residual, residual_jacobian, ip_eval, factor_dense,
+               z, p, weak_tol, J, piv, F, zt, Ft, gradf, h, Jh, g, Jg, info):
+    """Classify the inequalities at the KKT point ``z`` and polish it with one Newton step
+    on the active-set KKT system. An interior point stops at ``g_i ν_i ≈ μ``, so active
+    constraints hold only to about ``μ / ν_i``; the step removes that error (exactly, for
+    a QP). It is kept when it keeps the active set and does not increase the residual.
+    Returns the KKT residual (∞-norm) at the final ``z``; ``g`` is left evaluated there."""
     nz = n + q + r
     ip_eval(z[:n], p, gradf, h, Jh, g, Jg)
     weak = 0
@@ -342,44 +363,64 @@ def kkt_finalize(n, q, r, residual, residual_jacobian, ip_eval, factor_dense, ja
                 weak += 1  # weakly active: treated as inactive
             z[k] = 0.0
     info[2] = weak
-    # Polish: an interior point stops at g_i ν_i ≈ μ, so active constraints hold only to
-    # about μ / ν_i. One Newton step on the active-set system removes that error (exactly,
-    # for a QP); it is kept when it keeps the active set and does not increase the residual.
     _active_set_jacobian(n, q, r, residual_jacobian, z, p, g, weak_tol, J, F)
     r0 = 0.0
     for i in range(nz):
         r0 = max(r0, abs(F[i]))
-    if factor_dense(J, piv) > 0.0:
-        for i in range(nz):
-            Ft[i] = -F[i]
-        lu_solve(nz, J, piv[:nz], Ft)
-        for i in range(nz):
-            zt[i] = z[i] + Ft[i]
-        residual(zt, p, Ft)
-        r1 = 0.0
-        for i in range(nz):
-            r1 = max(r1, abs(Ft[i]))
-        keep = r1 <= r0 and np.isfinite(r1)
-        if keep:
-            ip_eval(zt[:n], p, gradf, h, Jh, g, Jg)
-            for i in range(r):
-                k = n + q + i
-                if (z[k] > 0.0 and not (zt[k] > 0.0)) or (z[k] == 0.0 and g[i] > weak_tol):
-                    keep = False
-        if keep:
-            for i in range(r):
-                k = n + q + i
-                if z[k] == 0.0:
-                    zt[k] = 0.0  # inactive stays exactly inactive (its step is rounding noise)
-            for i in range(nz):
-                z[i] = zt[i]
-            info[1] = r1
-        else:
-            ip_eval(z[:n], p, gradf, h, Jh, g, Jg)
-        _active_set_jacobian(n, q, r, residual_jacobian, z, p, g, weak_tol, J, F)
+    if not (factor_dense(J, piv) > 0.0):
+        return r0
+    for i in range(nz):
+        Ft[i] = -F[i]
+    lu_solve(nz, J, piv, Ft)
+    for i in range(nz):
+        zt[i] = z[i] + Ft[i]
+    residual(zt, p, Ft)
+    r1 = 0.0
+    for i in range(nz):
+        r1 = max(r1, abs(Ft[i]))
+    keep = r1 <= r0 and np.isfinite(r1)
+    if keep:
+        ip_eval(zt[:n], p, gradf, h, Jh, g, Jg)
+        for i in range(r):
+            k = n + q + i
+            if (z[k] > 0.0 and not (zt[k] > 0.0)) or (z[k] == 0.0 and g[i] > weak_tol):
+                keep = False
+    if not keep:
+        ip_eval(z[:n], p, gradf, h, Jh, g, Jg)
+        return r0
+    for i in range(r):
+        k = n + q + i
+        if z[k] == 0.0:
+            zt[k] = 0.0  # inactive stays exactly inactive (its step is rounding noise)
+        elif zt[k] <= weak_tol:
+            zt[k] = 0.0  # the polished multiplier vanishes: weakly active after all
+            weak += 1
+    info[2] = weak
+    for i in range(nz):
+        z[i] = zt[i]
+    return r1
+
+
+@njit(cache=True, inline="always")
+def kkt_factor(n, q, r, residual_jacobian, factor_dense, jac_params_absmax,
+               z, p, g, weak_tol, singular_tol, J, piv, F):
+    """Factor the active-set KKT Jacobian at ``z`` for the backward pass; returns the status."""
+    nz = n + q + r
+    _active_set_jacobian(n, q, r, residual_jacobian, z, p, g, weak_tol, J, F)
     # Dense LU with partial pivoting: the KKT matrix is indefinite and, with the rows
-    # replaced above, not the matrix a fixed elimination order was chosen for.
+    # replaced, not the matrix a fixed elimination order was chosen for.
     min_pivot = factor_dense(J, piv)
     if not (min_pivot > 0.0):
         return st.SINGULAR_AT_SOLUTION
     return check_solution(nz, min_pivot, J, jac_params_absmax(z, p), singular_tol)
+
+
+@njit(cache=True, inline="always")
+def kkt_finalize(n, q, r, residual, residual_jacobian, ip_eval, factor_dense, jac_params_absmax,
+                 z, p, weak_tol, singular_tol, J, piv, F, zt, Ft, gradf, h, Jh, g, Jg, info):
+    """Classify, polish and factor at the KKT point ``z`` (see the module docstring)."""
+    res = kkt_polish(n, q, r, residual, residual_jacobian, ip_eval, factor_dense,
+                     z, p, weak_tol, J, piv, F, zt, Ft, gradf, h, Jh, g, Jg, info)
+    info[1] = min(info[1], res)
+    return kkt_factor(n, q, r, residual_jacobian, factor_dense, jac_params_absmax,
+                      z, p, g, weak_tol, singular_tol, J, piv, F)
