@@ -11,21 +11,14 @@ import pytest
 import torch
 
 from implicit_compiler.codegen.export import ExportError, export_layer, standalone_source
+from tests.helpers import BLOCK_SYMPY
 
 XS = [[1.0], [0.9], [1.2]]
 Y0 = [1.0, 1.5]
 
 # Run in a fresh interpreter in which SymPy and implicit_compiler cannot be imported.
-CHILD = textwrap.dedent("""
-    import importlib, json, sys
-
-    class Block:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("sympy", "implicit_compiler"):
-                raise ImportError("blocked in this test: " + name)
-            return None
-
-    sys.meta_path.insert(0, Block())
+CHILD = BLOCK_SYMPY + textwrap.dedent("""
+    import importlib, json
     sys.path.insert(0, sys.argv[1])
     import torch
     m = importlib.import_module(sys.argv[2])

@@ -1,11 +1,9 @@
 """The command line on a QP: inspect prints the KKT system; compile writes a standalone module."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 from implicit_compiler.cli import main
+from tests.helpers import run_without_sympy
 
 QP = textwrap.dedent('''
     import sympy as sp
@@ -26,25 +24,14 @@ def test_inspect_and_compile_a_qp(tmp_path, capsys):
     assert "Lagrangian" in out and "nu0" in out
     target = tmp_path / "qp_layer.py"
     assert main(["compile", f"{src}:problem", "-o", str(target), "-q"]) == 0
-    script = textwrap.dedent(f"""
-        import sys, importlib.abc, importlib.util
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("sympy", "implicit_compiler"):
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, Block())
+    out = run_without_sympy(target, """
         import torch
-        spec = importlib.util.spec_from_file_location("qp_layer", {str(target)!r})
-        mod = importlib.util.module_from_spec(spec); sys.modules["qp_layer"] = mod; spec.loader.exec_module(mod)
         q = torch.tensor([[-2.0, -2.0], [1.0, 1.0]], dtype=torch.float64, requires_grad=True)
         y = mod.layer(q)
         y.sum().backward()
         print(repr([y.tolist(), q.grad.tolist()]))
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ))
-    assert out.returncode == 0, out.stderr
-    y, g = eval(out.stdout.strip().splitlines()[-1])
+    y, g = eval(out)
     # q = (-2, -2): the constraint y0 + y1 <= 1 is active, y = (0.5, 0.5); q = (1, 1): y = -q
     assert max(abs(a - b) for a, b in zip(y[0] + y[1], [0.5, 0.5, -1.0, -1.0])) < 1e-9
     # active: y = (1 - q0 + q1, 1 + q0 - q1)/2 + ... -> d(y0 + y1)/dq = 0; inactive: -1 each

@@ -1,16 +1,12 @@
 """Problems through the inspection tools: report sections, derivative certificate, standalone export."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 import sympy as sp
 import torch
 
 import implicit_compiler as ic
+from tests.helpers import run_without_sympy
 
 
 @pytest.fixture(scope="module")
@@ -40,25 +36,14 @@ def test_problem_layer_exports_and_runs_without_sympy(clipped, tmp_path):
     ts = torch.tensor([[3.0], [0.0]], dtype=torch.float64, requires_grad=True)
     y, nu = layer(ts)
     (y.sum() + nu.sum()).backward()
-    script = textwrap.dedent(f"""
-        import sys, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("sympy", "implicit_compiler"):
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, Block())
-        import importlib.util, torch
-        spec = importlib.util.spec_from_file_location("clipped_layer", {str(path)!r})
-        mod = importlib.util.module_from_spec(spec); sys.modules["clipped_layer"] = mod; spec.loader.exec_module(mod)
+    out = run_without_sympy(path, """
+        import torch
         t = torch.tensor([[3.0], [0.0]], dtype=torch.float64, requires_grad=True)
         y, nu = mod.layer(t)
         (y.sum() + nu.sum()).backward()
         print(repr([y.tolist(), nu.tolist(), t.grad.tolist()]))
     """)
-    env = dict(os.environ)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0, out.stderr
-    y2, nu2, g2 = eval(out.stdout.strip().splitlines()[-1])
+    y2, nu2, g2 = eval(out)
     np.testing.assert_allclose(y2, y.detach().numpy(), atol=1e-12)
     np.testing.assert_allclose(nu2, nu.detach().numpy(), atol=1e-10)
     np.testing.assert_allclose(g2, ts.grad.numpy(), atol=1e-10)
