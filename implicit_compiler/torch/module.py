@@ -13,7 +13,7 @@ from ..runtime import status as st
 from ..runtime.kernels import Kernels, SolveResult
 from ..runtime.options import SolverOptions
 from .function import ImplicitFunction
-from .shapes import _describe, batch_size, check_array, check_finite_dtype, check_tensor, pack, to_numpy
+from .shapes import _describe, as_array, batch_size, check_finite_dtype, check_tensor, pack, to_numpy
 
 
 @dataclass
@@ -204,7 +204,7 @@ class ImplicitLayer(torch.nn.Module):
                 if grp["name"] not in y0:
                     continue
                 what = f"y0[{grp['name']!r}]"
-                a = check_array(to_numpy(y0[grp["name"]]), what)
+                a = as_array(y0[grp["name"]], what)
                 size = len(grp["symbols"])
                 if a.size == size:
                     rows = 1  # one guess shared by the batch
@@ -219,7 +219,7 @@ class ImplicitLayer(torch.nn.Module):
                     )
                 Y0[:, grp["offset"]:grp["offset"] + size] = a.reshape(rows, size)
             return Y0
-        a = check_array(to_numpy(y0), "y0")
+        a = as_array(y0, "y0")
         if a.shape == (n,):
             return a.reshape(1, n) if self.kernels.shared_y0 else np.tile(a, (B, 1))
         if a.shape == (B, n):
@@ -248,11 +248,7 @@ class ImplicitLayer(torch.nn.Module):
             elif isinstance(t, torch.Tensor):
                 check_finite_dtype(t, what)
             else:  # the NumPy entry point: arrays, lists, Python numbers
-                try:
-                    a = np.asarray(t)
-                except (TypeError, ValueError) as e:
-                    raise InputError(f"{what}: cannot read {type(t).__name__} as an array ({e})") from None
-                tensors[i] = check_array(a, what)
+                tensors[i] = as_array(t, what)
         B, batched = batch_size(groups, tensors, "parameter group")
         call = _Call()
         call.kernels = self.kernels

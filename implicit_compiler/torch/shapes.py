@@ -115,6 +115,15 @@ def check_finite_dtype(t, what: str) -> None:
                              f"float16 or bfloat16), e.g. t.to(torch.float64)")
 
 
+def as_array(value, what: str) -> np.ndarray:
+    """``value`` (a tensor, array, list or number) as a float64 array; raises naming ``what``."""
+    try:
+        a = to_numpy(value)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{what}: cannot read a {type(value).__name__} as an array of numbers ({e})") from None
+    return check_array(a, what)
+
+
 def check_array(a: np.ndarray, what: str, allow_int: bool = True) -> np.ndarray:
     """A NumPy argument as float64 (integers converted); other dtypes raise naming ``what``."""
     kind = a.dtype.kind

@@ -405,6 +405,8 @@ def test_numpy_entry_point_takes_lists_numbers_and_integer_arrays(appendix_layer
         two_layer.solve(1.0, 1.0, np.array([1.0 + 1j]))
     with pytest.raises(InputError, match="parameter group 'theta' has dtype bool"):
         appendix_layer.solve(np.array([True]))
+    with pytest.raises(InputError, match="parameter group 'theta': cannot read a list as an array of numbers"):
+        appendix_layer.solve([[0.9], [1.0, 2.0]])
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex128, torch.complex64])
@@ -434,6 +436,8 @@ def test_y0_by_group_names_and_checks_each_group(appendix_layer, two_layer):
         appendix_layer(x, y0={"y": "abc"})
     with pytest.raises(InputError, match=r"y0\['y'\] is complex"):
         appendix_layer(x, y0={"y": torch.ones(2, dtype=torch.complex128)})
+    with pytest.raises(InputError, match="y0: cannot read a list as an array of numbers"):
+        appendix_layer(x, y0=[1.0, [1.5, 2.0]])
     with pytest.raises(InputError, match="y0 has dtype bool"):
         appendix_layer(x, y0=torch.ones(2, dtype=torch.bool))
     with pytest.raises(InputError, match=r"y0 must have shape \(2,\) or \(4, 2\) for this call, got \(3,\)"):
