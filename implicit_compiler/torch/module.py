@@ -13,7 +13,7 @@ from ..runtime import status as st
 from ..runtime.kernels import Kernels, SolveResult
 from ..runtime.options import SolverOptions
 from .function import ImplicitFunction
-from .shapes import batch_size, check_finite_dtype, pack, to_numpy
+from .shapes import _describe, as_array, batch_size, check_finite_dtype, check_tensor, pack, to_numpy
 
 
 @dataclass
@@ -58,23 +58,29 @@ class _Call:
         return res
 
     def outputs(self, Y: np.ndarray) -> tuple:
+        """One tensor per unknown group, never sharing memory with ``Y``: the backward
+        reads ``Y``, and a write through an output's NumPy view must not reach it."""
         B = self.B
         groups = self.unknown_groups
+        dtype = self.dtype
+        # Shaped in NumPy: an output that is a torch view of a tensor made here could not be
+        # modified in place (autograd forbids in-place changes of views made inside a Function).
         if len(groups) == 1 and self.device.type == "cpu" and len(groups[0]["symbols"]) == Y.shape[1]:
             # fast path: one unknown group covering y, on the CPU
             shape = groups[0]["shape"]
-            t = torch.from_numpy(Y).reshape(tuple(shape) if self.squeeze else (B, *shape))
-            return (t if t.dtype == self.dtype else t.to(self.dtype),)
+            shape = tuple(shape) if self.squeeze else (B, *shape)
+            if dtype == torch.float64:
+                return (torch.from_numpy(Y.copy().reshape(shape)),)
+            return (torch.from_numpy(Y.reshape(shape)).to(dtype),)
         outs = []
-        for grp in self.unknown_groups:
+        for grp in groups:
             off, size = grp["offset"], len(grp["symbols"])
-            whole = len(self.unknown_groups) == 1 and size == Y.shape[1]
-            blk = Y if whole else np.ascontiguousarray(Y[:, off:off + size])
-            t = torch.from_numpy(blk)
             shape = tuple(grp["shape"]) if self.squeeze else (B, *grp["shape"])
-            t = t.reshape(shape)
-            if t.dtype != self.dtype:
-                t = t.to(self.dtype)
+            blk = Y[:, off:off + size]
+            # float64: an explicit copy; any other dtype: the conversion copies
+            t = torch.from_numpy(np.array(blk).reshape(shape) if dtype == torch.float64 else blk.reshape(shape))
+            if t.dtype != dtype:
+                t = t.to(dtype)
             if self.device.type != "cpu":
                 t = t.to(self.device)
             outs.append(t)
@@ -87,10 +93,14 @@ class ImplicitLayer(torch.nn.Module):
     Call it with one tensor per parameter group, positionally (in the order the
     groups were declared) or by group name. Each group of shape ``s`` takes a
     ``(B, *s)`` tensor or an unbatched ``s`` tensor shared across the batch (its
-    gradient is summed over the batch). It returns one tensor per unknown group
-    (a single tensor when there is one group), in the promoted dtype of the
-    inputs; the solve runs in float64 on the CPU (CUDA inputs are copied to the
-    CPU and results copied back to the input's device).
+    gradient is summed over the batch); a batch of 1 broadcasts against a batch
+    of ``B``, as in torch. Parameters are real floating-point tensors (float64,
+    float32, float16, bfloat16); anything else raises :class:`InputError`. It
+    returns one tensor per unknown group (a single tensor when there is one
+    group), in the promoted dtype of the inputs; the solve runs in float64 on the
+    CPU (CUDA inputs are copied to the CPU and results copied back to the input's
+    device). Outputs never share memory with what the backward reads, and a
+    double backward through the layer raises (not supported yet).
 
     Keyword arguments of a call: ``y0`` (initial guess: flat ``(n,)`` or ``(B, n)``,
     or a dict by unknown group), ``return_info=True`` to also get a
@@ -184,28 +194,38 @@ class ImplicitLayer(torch.nn.Module):
                 return self._default_y0.reshape(1, n)
             return np.broadcast_to(self._default_y0, (B, n)).copy()
         if isinstance(y0, dict):
+            names = [g["name"] for g in self._unknown_groups]
+            unknown = [k for k in y0 if k not in names]
+            if unknown:
+                raise InputError(f"y0 names unknown group(s) {', '.join(map(repr, unknown))}; the unknown groups "
+                                 f"of this layer are {names}")
             Y0 = np.broadcast_to(self._default_y0, (B, n)).copy()
             for grp in self._unknown_groups:
-                if grp["name"] in y0:
-                    a = to_numpy(y0[grp["name"]]).astype(np.float64)
-                    size = len(grp["symbols"])
-                    bs = a.size // size if size else 0
-                    if a.size not in (size, B * size):
-                        raise InputError(
-                            f"y0[{grp['name']!r}] has {a.size} values; expected {size} (shared) or "
-                            f"{B}x{size} (per sample)"
-                        )
-                    Y0[:, grp["offset"]:grp["offset"] + size] = a.reshape(bs, size)
-            unknown = set(y0) - {g["name"] for g in self._unknown_groups}
-            if unknown:
-                raise InputError(f"y0 names unknown group(s) {sorted(unknown)}")
+                if grp["name"] not in y0:
+                    continue
+                what = f"y0[{grp['name']!r}]"
+                a = as_array(y0[grp["name"]], what)
+                size = len(grp["symbols"])
+                if a.size == size:
+                    rows = 1  # one guess shared by the batch
+                elif a.ndim >= 1 and a.shape[0] == B and a.size == B * size:
+                    rows = B
+                else:
+                    shape = tuple(grp["shape"])
+                    raise InputError(
+                        f"{what} has shape {_describe(a.shape)} ({a.size} values); the group {grp['name']!r} "
+                        f"expects shape {_describe(shape)} (shared by the batch) or {_describe((B,) + shape)} "
+                        f"(one per sample): {size} or {B}x{size} values"
+                    )
+                Y0[:, grp["offset"]:grp["offset"] + size] = a.reshape(rows, size)
             return Y0
-        a = to_numpy(y0).astype(np.float64, copy=False)
+        a = as_array(y0, "y0")
         if a.shape == (n,):
             return a.reshape(1, n) if self.kernels.shared_y0 else np.tile(a, (B, 1))
         if a.shape == (B, n):
             return np.ascontiguousarray(a)
-        raise InputError(f"y0 must have shape ({n},) or ({B}, {n}) for this call, got {tuple(a.shape)}")
+        raise InputError(f"y0 must have shape ({n},) or ({B}, {n}) for this call, got {tuple(a.shape)} "
+                         f"(or give a dict by unknown group: {[g['name'] for g in self._unknown_groups]})")
 
     def _remember(self, res: SolveResult) -> None:
         if self.options.warm_start:
@@ -216,12 +236,19 @@ class ImplicitLayer(torch.nn.Module):
                 y[bad] = Y0[bad] if Y0 is not None else self._default_y0
             self._last = (y,)
 
-    def _prepare(self, args, kwargs, y0) -> _Call:
+    def _prepare(self, args, kwargs, y0, tensors_only: bool = True) -> _Call:
         groups = self._param_groups
         tensors = list(args) if not kwargs and len(args) == len(groups) else self._bind(args, kwargs)
-        for g, t in zip(groups, tensors):
-            if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
-                check_finite_dtype(t, f"parameter group {g['name']!r}")
+        for i, (g, t) in enumerate(zip(groups, tensors)):
+            if isinstance(t, torch.Tensor) and t.dtype.is_floating_point:
+                continue
+            what = f"parameter group {g['name']!r}"
+            if tensors_only:
+                check_tensor(t, what)
+            elif isinstance(t, torch.Tensor):
+                check_finite_dtype(t, what)
+            else:  # the NumPy entry point: arrays, lists, Python numbers
+                tensors[i] = as_array(t, what)
         B, batched = batch_size(groups, tensors, "parameter group")
         call = _Call()
         call.kernels = self.kernels
@@ -249,17 +276,12 @@ class ImplicitLayer(torch.nn.Module):
 
     def forward(self, *args, y0=None, return_info: bool = False, **kwargs):
         call = self._prepare(args, kwargs, y0)
-        for g, t in zip(self._param_groups, call.params):
-            if not isinstance(t, torch.Tensor):
-                raise InputError(
-                    f"parameter group {g['name']!r} is a {type(t).__name__}; the torch layer takes "
-                    f"tensors (use layer.solve(...) for NumPy arrays)"
-                )
         outs = ImplicitFunction.apply(call, *call.params)
         result = outs[0] if len(outs) == 1 else outs
         if return_info:
             res = call.result
-            info = SolveInfo(torch.from_numpy(res.status), torch.from_numpy(res.iterations),
+            # status is copied: the backward reads res.status (which samples get a gradient)
+            info = SolveInfo(torch.from_numpy(res.status.copy()), torch.from_numpy(res.iterations),
                              torch.from_numpy(res.residual_norm))
             return result, info
         return result
@@ -268,7 +290,7 @@ class ImplicitLayer(torch.nn.Module):
         """NumPy entry point, no autograd: returns a :class:`SolveResult` and never
         raises on non-convergence (read ``.status``). Outputs are flat ``(B, n)``;
         :meth:`split` turns them into per-group arrays."""
-        call = self._prepare(args, kwargs, y0)
+        call = self._prepare(args, kwargs, y0, tensors_only=False)
         call.layer = None
         res = self.kernels.solve(call.P, call.Y0, self.options)
         self._remember(res)

@@ -1,7 +1,14 @@
 """Packing parameter groups into the flat ``(B, m)`` array the kernels take, and back.
 
 A group of shape ``s`` accepts a tensor of shape ``s`` (shared by the whole batch,
-its gradient summed over the batch) or ``(B, *s)`` (one value per sample).
+its gradient summed over the batch) or ``(B, *s)`` (one value per sample). As in
+torch broadcasting, a batch of 1 next to a batch of ``B`` is broadcast over the
+``B`` samples (its gradient, of shape ``(1, *s)``, is summed over them).
+
+The packed array is always the layer's own copy: the backward pass reads it, so
+it must not change when the caller's tensor does (``x.data.add_`` bypasses
+autograd's version counters; a view of the caller's memory would change the
+gradient silently).
 """
 
 from __future__ import annotations
@@ -10,6 +17,9 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+
+# dtypes NumPy reads directly; any other floating dtype (bfloat16) goes through float64
+_NUMPY_FLOATS = (torch.float64, torch.float32, torch.float16)
 
 
 def _describe(shape) -> str:
@@ -34,45 +44,91 @@ def group_batch(group: dict, t, what: str) -> int | None:
 
 
 def batch_size(groups, tensors, what: str) -> tuple[int, list[bool]]:
+    """``(B, batched)``: the call's batch size and which arguments carry a batch dimension.
+
+    Batch sizes must agree, except that a batch of 1 broadcasts against any other
+    (as in torch); a batched argument whose batch is smaller than ``B`` is broadcast.
+    """
     if len(groups) == 1:
         b = group_batch(groups[0], tensors[0], what)
         return (1, [False]) if b is None else (b, [True])
     sizes = [group_batch(g, t, what) for g, t in zip(groups, tensors)]
     batched = [b is not None for b in sizes]
-    distinct = {b for b in sizes if b is not None}
+    distinct = {b for b in sizes if b is not None and b != 1}
     if len(distinct) > 1:
         detail = ", ".join(f"{g['name']}: {b}" for g, b in zip(groups, sizes) if b is not None)
-        raise InputError(f"batched {what}s disagree on the batch size ({detail}); give them one batch size")
-    return (distinct.pop() if distinct else 1), batched
+        raise InputError(
+            f"batched {what}s disagree on the batch size ({detail}); give them one batch size "
+            f"(a batch of 1 broadcasts against any other)"
+        )
+    if distinct:
+        return distinct.pop(), batched
+    return 1, batched
 
 
 def to_numpy(t) -> np.ndarray:
+    """A NumPy view or copy of ``t`` (a tensor on any device, or anything ``np.asarray`` takes)."""
     if isinstance(t, torch.Tensor):
         if t.requires_grad:
             t = t.detach()
         if t.device.type != "cpu":
             t = t.cpu()
+        if t.dtype not in _NUMPY_FLOATS and t.dtype.is_floating_point:
+            t = t.to(torch.float64)  # bfloat16 has no NumPy dtype; it is exact in float64
         return t.numpy()
     return np.asarray(t)
 
 
 def pack(groups, arrays, B: int, batched, m: int) -> np.ndarray:
-    """Flat C-contiguous float64 ``(B, m)`` from per-group arrays."""
+    """Flat C-contiguous float64 ``(B, m)`` from per-group arrays: always a new array
+    (never a view of the caller's memory; see the module docstring)."""
     if len(groups) == 1 and batched[0]:
-        a = arrays[0]
-        if a.dtype == np.float64 and a.flags.c_contiguous:
-            return a.reshape(B, m)
+        # np.array copies: one memcpy, where a float32 input is converted anyway
+        return np.array(arrays[0], dtype=np.float64, order="C").reshape(B, m)
     P = np.empty((B, m))
-    for g, a, b in zip(groups, arrays, batched):
+    for g, a in zip(groups, arrays):
         size = len(g["symbols"])
         off = g["offset"]
-        P[:, off:off + size] = a.reshape(B if b else 1, size)
+        # rows: B (per sample) or 1 (shared, or a batch of 1 broadcast over the batch)
+        P[:, off:off + size] = a.reshape(-1, size)
     return P
 
 
+def check_tensor(t, what: str) -> None:
+    """A parameter of the torch layer: a real floating-point tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise InputError(
+            f"{what} is a {type(t).__name__}; the torch layer takes tensors: pass "
+            f"torch.as_tensor(value, dtype=torch.float64) (or call layer.solve(...) with NumPy arrays)"
+        )
+    check_finite_dtype(t, what)
+
+
 def check_finite_dtype(t, what: str) -> None:
+    """Reject integer, bool and complex tensors with an error naming the argument."""
     if isinstance(t, torch.Tensor):
-        if not (t.dtype.is_floating_point):
-            raise InputError(f"{what} has dtype {t.dtype}; pass a floating-point tensor (float32 or float64)")
         if t.is_complex():
-            raise InputError(f"{what} is complex; implicit layers are real-valued")
+            raise InputError(f"{what} has dtype {t.dtype}; implicit layers are real-valued: pass a real "
+                             f"floating-point tensor")
+        if not t.dtype.is_floating_point:
+            raise InputError(f"{what} has dtype {t.dtype}; pass a floating-point tensor (float64, float32, "
+                             f"float16 or bfloat16), e.g. t.to(torch.float64)")
+
+
+def as_array(value, what: str) -> np.ndarray:
+    """``value`` (a tensor, array, list or number) as a float64 array; raises naming ``what``."""
+    try:
+        a = to_numpy(value)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{what}: cannot read a {type(value).__name__} as an array of numbers ({e})") from None
+    return check_array(a, what)
+
+
+def check_array(a: np.ndarray, what: str, allow_int: bool = True) -> np.ndarray:
+    """A NumPy argument as float64 (integers converted); other dtypes raise naming ``what``."""
+    kind = a.dtype.kind
+    if kind == "f" or (allow_int and kind in "iu"):
+        return a if a.dtype == np.float64 else a.astype(np.float64)
+    if kind == "c":
+        raise InputError(f"{what} is complex ({a.dtype}); implicit layers are real-valued")
+    raise InputError(f"{what} has dtype {a.dtype}; pass real numbers (a float array or tensor)")
