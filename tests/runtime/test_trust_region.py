@@ -52,6 +52,11 @@ def freudenstein_roth():
     return F, [x1, x2], [0.5, -2.0]
 
 
+def brown_almost_linear(n=5):
+    x = sp.symbols(f"x1:{n + 1}")
+    return [x[i] + sum(x) - (n + 1) for i in range(n - 1)] + [sp.Mul(*x) - 1], list(x), [0.5] * n
+
+
 def broyden_tridiagonal(n=10):
     """With the constant 1 as a parameter ``c`` (so it also serves the gradient tests)."""
     x = sp.symbols(f"x1:{n + 1}")
@@ -93,7 +98,7 @@ def mgh_layers():
     out = {}
     for name, fn in [("rosenbrock", rosenbrock), ("powell_badly_scaled", powell_badly_scaled),
                      ("helical_valley", helical_valley), ("powell_singular", powell_singular),
-                     ("freudenstein_roth", freudenstein_roth)]:
+                     ("freudenstein_roth", freudenstein_roth), ("brown_almost_linear", brown_almost_linear)]:
         F, xs, x0 = fn()
         out[name] = (_compile(name, F, xs, []), F, xs, x0)
     return out
@@ -167,6 +172,25 @@ def test_freudenstein_roth_batch_of_starts_statuses_per_sample(mgh_layers):
         np.testing.assert_allclose(res.y[b], [5.0, 4.0], rtol=0, atol=1e-12)
     for b in np.flatnonzero(res.status == Status.LINE_SEARCH_FAILED):
         assert res.residual_norm[b] > 4.0
+
+
+def test_brown_almost_linear_reaches_a_published_root(mgh_layers):
+    # MGH: f = 0 at (a, ..., a, a^(1-n)) for the real roots a of n a^n - (n+1) a^(n-1) + 1 = 0
+    # (a = 1 among them). From (1/2, ..., 1/2) hybr finds (1, ..., 1); the trust region, whose
+    # steps follow the exact Jacobian, the root with a = -0.579: both are published roots.
+    layer, F, xs, x0 = mgh_layers["brown_almost_linear"]
+    n = len(xs)
+    res = _solve(layer, x0, TR)
+    assert res.status[0] == Status.CONVERGED
+    y = res.y[0]
+    a = sp.Symbol("a")
+    roots = [complex(r) for r in sp.Poly(n * a**n - (n + 1) * a**(n - 1) + 1, a).nroots(n=30)]
+    real = sorted(r.real for r in roots if abs(r.imag) < 1e-20)
+    alpha = min(real, key=lambda r: abs(r - y[0]))
+    np.testing.assert_allclose(y, [alpha] * (n - 1) + [alpha ** (1 - n)], rtol=1e-10, atol=1e-10)
+    hy = _hybr(F, xs, x0)
+    assert hy.success
+    np.testing.assert_allclose(hy.x, np.ones(n), rtol=1e-8)
 
 
 def test_broyden_tridiagonal_sparse_against_refined_root_and_hybr(tridiagonal):
@@ -260,3 +284,24 @@ def test_sparse_trust_region_gradient_matches_newton(tridiagonal):
         dydc = -np.linalg.solve(J, np.ones(10))
         assert outs[0][1][b, 0].item() == pytest.approx(float(dydc @ w.numpy()), rel=1e-12)
 
+
+
+def test_threaded_driver_matches_serial_per_sample(kink):
+    tr, _ = kink
+    k = tr.kernels
+    base = np.array([1.0, 4.0, 0.25, 1e-6, 1e6, -1.0, np.nan, 2.0])
+    a = np.tile(base, 40)[:, None]  # 320 samples: 5 chunks of 64 for the prange driver
+    Y0 = np.array([[0.0, 1.0]])
+    opts = TR.replace(max_iter=100)
+    serial = k.solve(a, Y0, opts.replace(parallel_threshold=10**9))
+    B, n = a.shape[0], k.n
+    Y, LU = np.empty((B, n)), np.empty((B, n, n))
+    PIV, STATUS, INFO = np.empty((B, n + 1), np.int64), np.empty(B, np.int8), np.empty((B, 2))
+    k.module.trust_region_batch_parallel(Y0, a, opts.tol, opts.xtol, opts.max_iter, opts.singular_tol,
+                                         Y, LU, PIV, STATUS, INFO)
+    np.testing.assert_array_equal(STATUS, serial.status)
+    np.testing.assert_array_equal(Y, serial.y)
+    np.testing.assert_array_equal(INFO[:, 0], serial.iterations)
+    ok = STATUS == Status.CONVERGED
+    assert ok.sum() == 6 * 40
+    np.testing.assert_allclose(Y[ok, 0], np.sqrt(a[ok, 0]), rtol=1e-12)
