@@ -11,11 +11,11 @@ The module holds, for that system only:
 * ``factor / factor_dense / solve / solve_transpose``: dense LU with partial
   pivoting, or fixed-order sparse elimination over the fill pattern with a
   pivot check that falls back to dense LU,
-* range drivers ``newton_range(lo, hi, ...)``, ``fixed_point_range``, ``vjp_range``
-  (serial, ``nogil``; the runtime splits large batches over threads): for small
-  dense systems the Newton and VJP drivers are emitted with scalar per-sample
-  state, otherwise they call the generic per-sample solvers in
-  :mod:`implicit_compiler.runtime`.
+* range drivers ``newton_range(lo, hi, ...)``, ``trust_region_range``,
+  ``fixed_point_range``, ``vjp_range`` (serial, ``nogil``; the runtime splits large
+  batches over threads): for small dense systems the Newton and VJP drivers are
+  emitted with scalar per-sample state, otherwise they call the generic per-sample
+  solvers in :mod:`implicit_compiler.runtime` (the trust-region driver always does).
 
 Expression kernels are printed from SymPy with :class:`NumbaPrinter`; the
 drivers come from the text template in ``templates/drivers.py.txt``.
@@ -489,7 +489,8 @@ def emit_module(derivation, layout: dict, key: str, options: dict | None = None)
         names = ["fixed_point_range"]
     else:
         names = ["newton_range", "vjp_range", "fixed_point_range"]
-    for name in names + ["drivers"]:
+    # The trust-region driver is generic for every size (the scalar kernels are Newton only).
+    for name in names + ["trust_region_range", "drivers"]:
         out.append(templates.joinpath(f"{name}.py.txt").read_text())
     return "\n\n".join(out).rstrip() + "\n"
 
@@ -524,5 +525,6 @@ def _header(d, layout, key) -> str:
               "                                              sparse_lu_solve_transpose)",
               "from implicit_compiler.runtime.status import (CONVERGED, LINE_SEARCH_FAILED, MAX_ITERATIONS, NONFINITE,",
               "                                              SINGULAR_AT_SOLUTION, SINGULAR_JACOBIAN)",
-              "from implicit_compiler.runtime.newton import ARMIJO_C, MIN_STEP, nan_max, newton_one"]
+              "from implicit_compiler.runtime.newton import ARMIJO_C, MIN_STEP, nan_max, newton_one",
+              "from implicit_compiler.runtime.trust_region import trust_region_one"]
     return "\n".join(lines) + "\n"

@@ -124,7 +124,7 @@ class Kernels:
             STATUS = pool.empty("STATUS", (B,), np.int8)
             INFO = pool.empty("INFO", (B, 2))
         method, scalars = self._scalar_options(options)
-        kind = "newton" if method == "newton" else "fixed_point"
+        kind = {"newton": "newton", "trust-region": "trust_region"}.get(method, "fixed_point")
         self._run(kind, B, (Y0, P, *scalars, Y, LU, PIV, STATUS, INFO), options.parallel_threshold)
         if B < 4096:
             iterations = INFO[:, 0].astype(np.int64)
@@ -139,7 +139,7 @@ class Kernels:
         if cached is not None and cached[0] is options:
             return cached[1]
         method = options.method or self.layout.get("default_method", "newton")
-        if method == "newton":
+        if method in ("newton", "trust-region"):
             scalars = (float(options.tol), float(options.xtol), int(options.max_iter), float(options.singular_tol))
         else:
             memory = 0 if method == "picard" else int(options.anderson_memory)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 FAILURE_POLICIES = ("raise", "nan", "keep")
-METHODS = ("newton", "anderson", "picard")
+METHODS = ("newton", "trust-region", "anderson", "picard")
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,8 @@ class SolverOptions:
         ``SINGULAR_AT_SOLUTION``: no implicit gradient) when its smallest LU pivot is
         below ``singular_tol`` times the largest entry of ``[dF/dy, dF/dtheta]``.
     method
-        ``"newton"`` (damped Newton), ``"anderson"`` (Anderson-accelerated fixed point)
+        ``"newton"`` (damped Newton), ``"trust-region"`` (Newton with Powell's dogleg
+        trust region, as MINPACK's hybrj), ``"anderson"`` (Anderson-accelerated fixed point)
         or ``"picard"`` (plain fixed point ``y <- y - F(y)``). ``None`` takes the system's default.
     anderson_memory
         History length for Anderson acceleration.
