@@ -62,7 +62,12 @@ class NumbaPrinter(PythonCodePrinter):
         base, exp = expr.args
         if exp.is_Integer and abs(int(exp)) <= 64:
             b = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Pow"])
-            return f"{b}**{int(exp)}"
+            k = int(exp)
+            if k < 0:
+                # Numba's float ** negative-int raises ZeroDivisionError at 0 whatever the error
+                # model; a division gives inf there (error_model='numpy'), a per-sample NONFINITE.
+                return f"(1.0/{b})" if k == -1 else f"(1.0/{b}**{-k})"
+            return f"{b}**{k}"
         if exp == sp.S.Half:
             return f"math.sqrt({self._print(base)})"
         if exp == -sp.S.Half:
