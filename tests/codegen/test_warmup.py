@@ -10,7 +10,6 @@ import torch
 from numba.core import event
 
 import implicit_compiler as ic
-
 from tests.conftest import appendix_system
 
 
