@@ -20,10 +20,10 @@ def _cached_module(content_hash: str, cache_dir, make_source, report: dict):
     """Import the generated module for ``content_hash``, writing it with ``make_source(key)``
     first when the cache does not have it; records path and hit/written in ``report``."""
     key = cache.module_key(content_hash)
-    path = cache.module_path(key, cache_dir)
+    path, found, written = cache.ensure_module(key, cache_dir, lambda: make_source(key))
     report["path"] = str(path)
-    report["cache_hit"] = path.exists()
-    report["written"] = cache.write_module(path, lambda: make_source(key))
+    report["cache_hit"] = found
+    report["written"] = written
     return path, cache.load_module(path)
 
 
