@@ -30,6 +30,7 @@ import numpy as np
 import sympy as sp
 
 from .._version import __version__
+from ..errors import SystemDefinitionError
 from .printer import NumbaPrinter
 
 INDENT = "    "
@@ -454,11 +455,31 @@ def _kernels_factor_wrappers(kind: str):
     ]
 
 
+def check_printable(d, smap: dict) -> None:
+    """Every residual and derivative entry prints as Numba code, else a
+    :class:`SystemDefinitionError` naming the residual (or the derivative), the construct and the fix."""
+    items = [(f"residual {i} ({r})", r) for i, r in enumerate(d.residuals)]
+    items += [(f"the derivative of residual {i} with respect to {d.unknowns[j]} ({e})", e) for i, j, e in d.jac_y]
+    items += [(f"the derivative of residual {i} with respect to {d.params[j]} ({e})", e) for i, j, e in d.jac_p]
+    printer = NumbaPrinter(smap)
+    for where, e in items:
+        try:
+            printer.doprint(e)
+        except SystemDefinitionError as exc:
+            raise SystemDefinitionError(f"{where}: {exc}") from None
+        except (NotImplementedError, TypeError, ValueError) as exc:  # SymPy's printer errors
+            raise SystemDefinitionError(
+                f"{where}: cannot generate Numba code for it ({type(exc).__name__}: {exc}); rewrite it "
+                f"with elementary functions"
+            ) from None
+
+
 def emit_module(derivation, layout: dict, key: str, options: dict | None = None) -> str:
     """The full source of the generated module."""
     opts = {"pivot_threshold": 0.1, **(options or {})}
     d = derivation
     smap = slot_map(d.unknowns, d.params)
+    check_printable(d, smap)
     out = [_header(d, layout, key)]
     out.append(f"N = {d.n}\nM = {d.m}\nCHUNK = {CHUNK}\nFACTORIZATION = {d.factorization!r}\n")
     out.append("LAYOUT = " + pprint.pformat(layout, width=100, sort_dicts=False) + "\n")
