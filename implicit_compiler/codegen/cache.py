@@ -205,6 +205,12 @@ def with_checksum(source: str) -> str:
     return f"{source}{CHECKSUM_PREFIX}{_checksum(source.encode())}\n"
 
 
+def without_checksum(text: str) -> str:
+    """``text`` without its checksum line (for copies of a module elsewhere, e.g. an export)."""
+    body, sep, last = text.rstrip("\n").rpartition("\n")
+    return body + "\n" if sep and last.startswith(CHECKSUM_PREFIX) else text
+
+
 def verify(path: Path) -> str | None:
     """Why the module at ``path`` cannot be trusted (missing, truncated, edited), or None."""
     try:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .._version import __version__
 from ..errors import ImplicitCompilerError
-from .cache import write_atomic
+from .cache import without_checksum, write_atomic
 
 PACKAGE = "implicit_compiler"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -239,6 +239,7 @@ def standalone_source(kernel_source: str, *, options=None, name: str = "layer",
     the package) are the classes ``make_layer`` builds, inlined with their imports;
     ``layer_kwargs`` (plain data) are further keyword arguments of the layer class.
     """
+    kernel_source = without_checksum(kernel_source)  # the cache's checksum covers the cached file only
     layer_mod, layer_cls = _split_class(layer_class)
     options_mod, options_cls = _split_class(options_class)
     sources = _sources(kernel_source, (layer_mod, options_mod))

@@ -41,6 +41,7 @@ def test_checksum_detects_truncation_emptiness_and_edits(tmp_path):
     assert cache.verify(path) is None
     good = path.read_bytes()
     assert good.decode().splitlines()[-1].startswith(cache.CHECKSUM_PREFIX)
+    assert cache.without_checksum(good.decode()) == "import math\n\nX = math.pi\nLAYOUT = {'a': 1}\n"
     for bad, why in [(good[: len(good) // 2], "checksum"), (b"", "empty"), (good[:-1] + b"0", "checksum"),
                      (good.replace(b"math.pi", b"math.e "), "does not match")]:
         path.write_bytes(bad)
