@@ -20,10 +20,10 @@ def _cached_module(content_hash: str, cache_dir, make_source, report: dict):
     """Import the generated module for ``content_hash``, writing it with ``make_source(key)``
     first when the cache does not have it; records path and hit/written in ``report``."""
     key = cache.module_key(content_hash)
-    path = cache.module_path(key, cache_dir)
+    path, found, written = cache.ensure_module(key, cache_dir, lambda: make_source(key))
     report["path"] = str(path)
-    report["cache_hit"] = path.exists()
-    report["written"] = cache.write_module(path, lambda: make_source(key))
+    report["cache_hit"] = found
+    report["written"] = written
     return path, cache.load_module(path)
 
 
@@ -69,17 +69,27 @@ def compile(system, *, cache_dir=None, verbose: bool = False, warmup: bool = Tru
 
 
 def warm(layer: ImplicitLayer) -> None:
-    """Compile (or load from Numba's cache) the kernels with the signatures calls use."""
+    """Compile (or load from Numba's cache) every kernel a call of ``layer`` can reach, with
+    the signatures calls use: the serial range kernels that small batches run and the
+    ``prange`` drivers that large ones run, for the forward solve (the layer's method) and
+    the backward VJP. The kernels are evaluated at one point (parameters and initial guess
+    zero, no iteration): arithmetic faults there (``1/s`` at ``s = 0``) are per-sample
+    statuses, never an error."""
     import numpy as np
 
     k = layer.kernels
     P = np.zeros((1, k.m))
     Y0 = np.zeros((1, k.n))
+    Ybar = np.zeros((1, k.n))
     method = layer.options.method or layer.layout.get("default_method", "newton")
     need = np.ones(len(layer.layout["param_groups"]), dtype=np.bool_)
-    for threshold in (2, 1):  # the serial range kernels, then the prange drivers that call them
-        res = k.solve(P, Y0, layer.options.replace(max_iter=0, method=method, parallel_threshold=threshold))
-        k.vjp(res, np.zeros((1, k.n)), need, threshold)
+    opts = layer.options.replace(max_iter=0, method=method)
+
+    def run():
+        res = k.solve(P, Y0, opts)
+        k.vjp(res, Ybar, need, opts.parallel_threshold)
+
+    k.warm_up(run)
 
 
 def compile_problem(problem, *, cache_dir=None, verbose: bool = False, warmup: bool = True, forward=None,

@@ -30,6 +30,7 @@ import numpy as np
 import sympy as sp
 
 from .._version import __version__
+from ..errors import SystemDefinitionError
 from .printer import NumbaPrinter
 
 INDENT = "    "
@@ -66,7 +67,7 @@ def cse_lines(exprs, base_map: dict, indent: str = INDENT, prefix: str = "t"):
 def _kernel_residual(d, smap):
     lines, outs = cse_lines(d.residuals, smap)
     body = lines + [f"{INDENT}F[{i}] = {o}" for i, o in enumerate(outs)]
-    return ["@njit(cache=True, inline='always')", "def residual(y, p, F):", *body]
+    return ["@njit(cache=True, error_model='numpy', inline='always')", "def residual(y, p, F):", *body]
 
 
 def _kernel_residual_jacobian(d, smap):
@@ -87,11 +88,11 @@ def _kernel_residual_jacobian(d, smap):
         fill_only = np.argwhere(d.fill & ~pattern)
         body += [f"{INDENT}J[{i}, {j}] = 0.0" for i, j in fill_only]
     body += [f"{INDENT}J[{i}, {j}] = {o}" for (i, j, _), o in zip(d.jac_y, outs[n:])]
-    return ["@njit(cache=True, inline='always')", "def residual_jacobian(y, p, F, J):", *body]
+    return ["@njit(cache=True, error_model='numpy', inline='always')", "def residual_jacobian(y, p, F, J):", *body]
 
 
 def _kernel_jac_params_absmax(d, smap):
-    head = ["@njit(cache=True, inline='always')", "def jac_params_absmax(y, p):"]
+    head = ["@njit(cache=True, error_model='numpy', inline='always')", "def jac_params_absmax(y, p):"]
     if not d.jac_p:
         return head + [f"{INDENT}return 0.0"]
     lines, outs = cse_lines([e for _, _, e in d.jac_p], smap)
@@ -127,7 +128,7 @@ def _kernel_vjp_params(d, smap, param_groups):
     body = _vjp_body(d, smap, param_groups, INDENT, lambda i: f"v[{i}]", lambda c: f"out[{c}]")
     if not body:
         body = [f"{INDENT}pass"]
-    return ["@njit(cache=True, inline='always')", "def vjp_params(y, p, v, need, out):", *body]
+    return ["@njit(cache=True, error_model='numpy', inline='always')", "def vjp_params(y, p, v, need, out):", *body]
 
 
 def _compressed(mask: np.ndarray, by_rows: bool):
@@ -160,13 +161,13 @@ def _kernels_factor_sparse_loops(d, pivot_threshold: float):
         out += [_int_array(f"{name}_PTR", ptr), _int_array(f"{name}_IDX", idx)]
     out += [
         "", "",
-        "@njit(cache=True, inline='always')", "def factor(J, piv):",
+        "@njit(cache=True, error_model='numpy', inline='always')", "def factor(J, piv):",
         f"{INDENT}return sparse_lu_factor(N, J, piv, _LCOL_PTR, _LCOL_IDX, _UROW_PTR, _UROW_IDX, {pivot_threshold!r})",
         "", "",
-        "@njit(cache=True, inline='always')", "def _solve_sparse(J, b):",
+        "@njit(cache=True, error_model='numpy', inline='always')", "def _solve_sparse(J, b):",
         f"{INDENT}sparse_lu_solve(N, J, b, _LROW_PTR, _LROW_IDX, _UROW_PTR, _UROW_IDX)",
         "", "",
-        "@njit(cache=True, inline='always')", "def _solve_transpose_sparse(J, b):",
+        "@njit(cache=True, error_model='numpy', inline='always')", "def _solve_transpose_sparse(J, b):",
         f"{INDENT}sparse_lu_solve_transpose(N, J, b, _LCOL_PTR, _LCOL_IDX, _UCOL_PTR, _UCOL_IDX)",
     ]
     return out
@@ -178,7 +179,7 @@ def _kernels_factor_sparse(d, pivot_threshold: float):
     n = d.n
     if n >= SPARSE_LOOPS_MIN_N:
         return _kernels_factor_sparse_loops(d, pivot_threshold)
-    f = ["@njit(cache=True, inline='always')", "def factor(J, piv):",
+    f = ["@njit(cache=True, error_model='numpy', inline='always')", "def factor(J, piv):",
          f"{INDENT}piv[{n}] = 0", f"{INDENT}minp = math.inf"]
     for k in range(n):
         below = [int(i) for i in np.flatnonzero(fill[k + 1:, k]) + k + 1]
@@ -201,7 +202,7 @@ def _kernels_factor_sparse(d, pivot_threshold: float):
                     f.append(f"{INDENT}J[{i}, {j}] -= J[{i}, {k}] * J[{k}, {j}]")
     f.append(f"{INDENT}return minp")
 
-    s = ["@njit(cache=True, inline='always')", "def _solve_sparse(J, b):"]
+    s = ["@njit(cache=True, error_model='numpy', inline='always')", "def _solve_sparse(J, b):"]
     for i in range(n):
         terms = [f" - J[{i}, {j}] * b[{j}]" for j in range(i) if fill[i, j]]
         if terms:
@@ -210,7 +211,7 @@ def _kernels_factor_sparse(d, pivot_threshold: float):
         terms = [f" - J[{i}, {j}] * b[{j}]" for j in range(i + 1, n) if fill[i, j]]
         s.append(f"{INDENT}b[{i}] = (b[{i}]{''.join(terms)}) / J[{i}, {i}]")
 
-    t = ["@njit(cache=True, inline='always')", "def _solve_transpose_sparse(J, b):"]
+    t = ["@njit(cache=True, error_model='numpy', inline='always')", "def _solve_transpose_sparse(J, b):"]
     for i in range(n):
         terms = [f" - J[{j}, {i}] * b[{j}]" for j in range(i) if fill[j, i]]
         t.append(f"{INDENT}b[{i}] = (b[{i}]{''.join(terms)}) / J[{i}, {i}]")
@@ -326,7 +327,7 @@ def _kernels_scalar(d, param_groups):
     args = ", ".join(ys + ps)
 
     # scale of dF/dtheta at a point, for the singularity test
-    jp = ["@njit(cache=True, inline='always')", f"def _jpabs({args}):"]
+    jp = ["@njit(cache=True, error_model='numpy', inline='always')", f"def _jpabs({args}):"]
     if d.jac_p:
         lines, outs = cse_lines([e for _, _, e in d.jac_p], ymap, prefix="q")
         jp += lines + [f"{I1}m = 0.0"] + [f"{I1}m = max(m, abs({o}))" for o in outs] + [f"{I1}return m"]
@@ -345,7 +346,7 @@ def _kernels_scalar(d, param_groups):
     def sq(names):
         return "0.5 * (" + " + ".join(f"{v} * {v}" for v in names) + ")"
 
-    f = ["@njit(cache=True, inline='always')",
+    f = ["@njit(cache=True, error_model='numpy', inline='always')",
          "def _newton_sample(b, b0, Y0, P, ftol, xtol, max_iter, singular_tol, Y, LU, PIV, INFO):"]
     f += [f"{I1}p_{j} = P[b, {j}]" for j in range(m)]
     f += [f"{I1}y_{i} = Y0[b0, {i}]" for i in range(n)]
@@ -396,14 +397,14 @@ def _kernels_scalar(d, param_groups):
     f += [f"{I1}return status"]
     # a_i_j are first assigned in _scalar_res_jac before the loop; minp/piv_k before it too.
 
-    r = ["@njit(cache=True, nogil=True)",
+    r = ["@njit(cache=True, error_model='numpy', nogil=True)",
          "def newton_range(lo, hi, Y0, P, ftol, xtol, max_iter, singular_tol, Y, LU, PIV, STATUS, INFO):",
          f"{I1}# Samples lo..hi-1 on the calling thread, all per-sample state in scalars.",
          f"{I1}sy = 1 if Y0.shape[0] > 1 else 0  # Y0 is (B, n), or (1, n) shared by all samples",
          f"{I1}for b in range(lo, hi):",
          f"{I2}STATUS[b] = _newton_sample(b, b * sy, Y0, P, ftol, xtol, max_iter, singular_tol, Y, LU, PIV, INFO)"]
 
-    v = ["@njit(cache=True, nogil=True)",
+    v = ["@njit(cache=True, error_model='numpy', nogil=True)",
          "def vjp_range(lo, hi, Y, P, LU, PIV, STATUS, YBAR, need, PBAR):",
          f"{I1}# PBAR[b] = -(dF/dtheta)^T (dF/dy)^{{-T}} YBAR[b] at the solution, for converged samples.",
          f"{I1}for b in range(lo, hi):",
@@ -422,7 +423,7 @@ def _kernels_scalar(d, param_groups):
 def _kernels_factor_wrappers(kind: str):
     """``piv[N]`` records which factorisation is stored in ``J``: 0 sparse, 1 dense."""
     dense = [
-        "@njit(cache=True, inline='always')",
+        "@njit(cache=True, error_model='numpy', inline='always')",
         "def factor_dense(J, piv):",
         f"{INDENT}piv[N] = 1",
         f"{INDENT}return lu_factor(N, J, piv)",
@@ -430,22 +431,22 @@ def _kernels_factor_wrappers(kind: str):
     if kind == "dense":
         return dense + [
             "", "factor = factor_dense", "",
-            "@njit(cache=True, inline='always')",
+            "@njit(cache=True, error_model='numpy', inline='always')",
             "def solve(J, piv, b):",
             f"{INDENT}lu_solve(N, J, piv, b)", "",
-            "@njit(cache=True, inline='always')",
+            "@njit(cache=True, error_model='numpy', inline='always')",
             "def solve_transpose(J, piv, b):",
             f"{INDENT}lu_solve_transpose(N, J, piv, b)",
         ]
     return dense + [
         "",
-        "@njit(cache=True, inline='always')",
+        "@njit(cache=True, error_model='numpy', inline='always')",
         "def solve(J, piv, b):",
         f"{INDENT}if piv[N] == 1:",
         f"{INDENT * 2}lu_solve(N, J, piv, b)",
         f"{INDENT}else:",
         f"{INDENT * 2}_solve_sparse(J, b)", "",
-        "@njit(cache=True, inline='always')",
+        "@njit(cache=True, error_model='numpy', inline='always')",
         "def solve_transpose(J, piv, b):",
         f"{INDENT}if piv[N] == 1:",
         f"{INDENT * 2}lu_solve_transpose(N, J, piv, b)",
@@ -454,11 +455,31 @@ def _kernels_factor_wrappers(kind: str):
     ]
 
 
+def check_printable(d, smap: dict) -> None:
+    """Every residual and derivative entry prints as Numba code, else a
+    :class:`SystemDefinitionError` naming the residual (or the derivative), the construct and the fix."""
+    items = [(f"residual {i} ({r})", r) for i, r in enumerate(d.residuals)]
+    items += [(f"the derivative of residual {i} with respect to {d.unknowns[j]} ({e})", e) for i, j, e in d.jac_y]
+    items += [(f"the derivative of residual {i} with respect to {d.params[j]} ({e})", e) for i, j, e in d.jac_p]
+    printer = NumbaPrinter(smap)
+    for where, e in items:
+        try:
+            printer.doprint(e)
+        except SystemDefinitionError as exc:
+            raise SystemDefinitionError(f"{where}: {exc}") from None
+        except (NotImplementedError, TypeError, ValueError) as exc:  # SymPy's printer errors
+            raise SystemDefinitionError(
+                f"{where}: cannot generate Numba code for it ({type(exc).__name__}: {exc}); rewrite it "
+                f"with elementary functions"
+            ) from None
+
+
 def emit_module(derivation, layout: dict, key: str, options: dict | None = None) -> str:
     """The full source of the generated module."""
     opts = {"pivot_threshold": 0.1, **(options or {})}
     d = derivation
     smap = slot_map(d.unknowns, d.params)
+    check_printable(d, smap)
     out = [_header(d, layout, key)]
     out.append(f"N = {d.n}\nM = {d.m}\nCHUNK = {CHUNK}\nFACTORIZATION = {d.factorization!r}\n")
     out.append("LAYOUT = " + pprint.pformat(layout, width=100, sort_dicts=False) + "\n")

@@ -26,15 +26,14 @@ Top-level names must not be defined by two inlined sources (checked; a clash is 
 from __future__ import annotations
 
 import ast
-import os
 import pprint
 import sys
-import tempfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 from .._version import __version__
 from ..errors import ImplicitCompilerError
+from .cache import without_checksum, write_atomic
 
 PACKAGE = "implicit_compiler"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -240,6 +239,7 @@ def standalone_source(kernel_source: str, *, options=None, name: str = "layer",
     the package) are the classes ``make_layer`` builds, inlined with their imports;
     ``layer_kwargs`` (plain data) are further keyword arguments of the layer class.
     """
+    kernel_source = without_checksum(kernel_source)  # the cache's checksum covers the cached file only
     layer_mod, layer_cls = _split_class(layer_class)
     options_mod, options_cls = _split_class(options_class)
     sources = _sources(kernel_source, (layer_mod, options_mod))
@@ -323,8 +323,5 @@ def export_layer(layer, path) -> Path:
                              options_class=f"{opts.__module__}.{opts.__qualname__}",
                              layer_kwargs=export_kwargs() if export_kwargs else None)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)  # permissions of a new file under the umask, like any other output
     return path

@@ -100,6 +100,7 @@ class Kernels:
         self.shared_y0 = type(self).solve is Kernels.solve
         self._options_cache = None
         self._cost = {}  # seconds per sample, last measured on a serial run, per kernel
+        self._forced = None  # during warm_up: True runs the prange drivers, False the range kernels
 
     def solve(self, P: np.ndarray, Y0: np.ndarray, options: SolverOptions) -> SolveResult:
         """Solve every sample. ``P``: ``(B, m)``, ``Y0``: ``(B, n)`` or ``(1, n)`` (float64)."""
@@ -167,7 +168,9 @@ class Kernels:
         microseconds on an idle machine, much more on a loaded one). Before any
         measurement, only batches of ``UNMEASURED_PARALLEL_BATCH`` or more go threaded."""
         cost = self._cost.get(kind)
-        if cost is None:
+        if self._forced is not None:
+            threaded = self._forced
+        elif cost is None:
             # Not measured yet: only a clearly large batch is worth the threads unmeasured.
             threaded = B >= max(parallel_threshold, self.UNMEASURED_PARALLEL_BATCH)
         else:
@@ -182,6 +185,17 @@ class Kernels:
             # threads, which on a busy machine can stall for milliseconds and would
             # otherwise keep sending small batches to the threads.
             self._cost[kind] = (time.perf_counter() - t0) / B
+
+    def warm_up(self, run) -> None:
+        """Call ``run()`` (calls of :meth:`solve`, :meth:`vjp`, ... on a tiny batch) twice:
+        on the serial range kernels, then on the ``prange`` drivers, whatever the batch size
+        and thresholds say. Everything a later call can reach is then compiled (or loaded
+        from Numba's cache), so a first large batch compiles nothing."""
+        try:
+            for self._forced in (False, True):
+                run()
+        finally:
+            self._forced = None
 
     @staticmethod
     def _threads() -> int:

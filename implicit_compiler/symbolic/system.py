@@ -2,9 +2,18 @@
 ``FixedPoint``: one written as ``y = g(y, theta)``.
 
 Validation happens here, before anything is derived or generated: counts,
-undeclared or doubly-declared symbols, non-scalar or non-SymPy residuals, and
-structural singularity of dF/dy (no perfect matching between residuals and
-unknowns in the sparsity pattern).
+undeclared or doubly-declared symbols, non-scalar or non-SymPy residuals,
+constructs that have no real-valued code (complex numbers, unevaluated integrals,
+sums and derivatives, distributions), the initial guess, and structural
+singularity of dF/dy (no perfect matching between residuals and unknowns in the
+sparsity pattern).
+
+The kernels compute in real floating point, so the Jacobians are taken as for real
+arguments: ``d|g|/dg = sign(g)``, and the piecewise-constant ``floor``, ``ceiling``,
+``sign``, ``Heaviside`` have derivative 0, ``frac(g)`` derivative ``g'``,
+``Mod(a, b)`` derivatives ``a' - b' floor(a/b)`` (their values almost everywhere,
+as automatic differentiation takes them; SymPy itself leaves them unevaluated or
+gives the complex formulas).
 """
 
 from __future__ import annotations
@@ -23,6 +32,108 @@ from ..errors import StructuralSingularityError, SystemDefinitionError
 from .groups import Group, flat_symbols, make_groups
 
 SOLVER_METHODS = ("newton", "anderson", "picard")
+
+
+# ---------------------------------------------------------------- real-argument derivatives
+class _RealAbs(sp.Function):
+    def fdiff(self, argindex=1):
+        return sp.sign(self.args[0])
+
+
+class _PiecewiseConstant(sp.Function):
+    def fdiff(self, argindex=1):
+        return sp.S.Zero
+
+
+class _Floor(_PiecewiseConstant):
+    pass
+
+
+class _Ceiling(_PiecewiseConstant):
+    pass
+
+
+class _Sign(_PiecewiseConstant):
+    pass
+
+
+class _Heaviside(_PiecewiseConstant):
+    pass
+
+
+class _Frac(sp.Function):
+    def fdiff(self, argindex=1):
+        return sp.S.One
+
+
+class _Mod(sp.Function):
+    def fdiff(self, argindex=1):
+        a, b = self.args
+        return sp.S.One if argindex == 1 else -sp.floor(a / b)
+
+
+_FOR_DIFF = {sp.Abs: _RealAbs, sp.floor: _Floor, sp.ceiling: _Ceiling, sp.sign: _Sign,
+             sp.Heaviside: _Heaviside, sp.frac: _Frac, sp.Mod: _Mod}
+_BACK = {v: k for k, v in _FOR_DIFF.items()}
+
+
+def _for_diff(e: sp.Expr) -> sp.Expr:
+    if not e.has(*_FOR_DIFF):
+        return e
+    for f, g in _FOR_DIFF.items():
+        e = e.replace(f, g)
+    return e
+
+
+def _back(e: sp.Expr) -> sp.Expr:
+    if not e.has(*_BACK):
+        return e
+    for g, f in _BACK.items():
+        e = e.replace(g, f)
+    return e
+
+
+# Constructs with no real-valued kernel code, and what to do instead.
+_UNEVALUATED = (sp.Integral, sp.Sum, sp.Product, sp.Derivative, sp.Limit, sp.Subs)
+_COMPLEX_FUNCTIONS = (sp.re, sp.im, sp.arg, sp.conjugate)
+_DISTRIBUTIONS = (sp.DiracDelta,)
+
+
+def _first(r: sp.Expr, types) -> sp.Basic | None:
+    for sub in sp.preorder_traversal(r):
+        if isinstance(sub, types):
+            return sub
+    return None
+
+
+def _check_real_constructs(i: int, r: sp.Expr) -> None:
+    """Reject what the real-valued kernels cannot compute, naming the subexpression and the fix."""
+    sub = _first(r, _UNEVALUATED)
+    if sub is not None:
+        raise SystemDefinitionError(
+            f"residual {i} ({r}) contains the unevaluated {type(sub).__name__} {sub}; generated code "
+            f"needs it in closed form: call .doit() on it (or on the residual), or rewrite it with "
+            f"elementary functions (a Sum with symbolic bounds has no fixed number of terms)"
+        )
+    if r.has(sp.I):
+        inner = [a for a in sp.preorder_traversal(r) if a.has(sp.I) and a != sp.I]
+        sub = inner[-1] if inner else sp.I  # the smallest subexpression holding I
+        raise SystemDefinitionError(
+            f"residual {i} ({r}) is complex-valued ({sub} contains the imaginary unit I); the kernels "
+            f"compute in real numbers: write the real and imaginary parts as two real residuals"
+        )
+    sub = _first(r, _COMPLEX_FUNCTIONS)
+    if sub is not None:
+        raise SystemDefinitionError(
+            f"residual {i} ({r}) uses {type(sub).__name__}() in {sub}; the symbols are real numbers at "
+            f"run time, so drop re() and conjugate() (the value itself) and im() (zero)"
+        )
+    sub = _first(r, _DISTRIBUTIONS)
+    if sub is not None:
+        raise SystemDefinitionError(
+            f"residual {i} ({r}) contains the distribution {sub}, which has no pointwise value; "
+            f"use a smooth approximation (e.g. a narrow Gaussian) instead"
+        )
 
 
 def _as_expr(r, i: int) -> sp.Expr:
@@ -148,6 +259,13 @@ class ResidualSystem:
                 )
             if r.has(sp.zoo, sp.oo, -sp.oo, sp.nan):
                 raise SystemDefinitionError(f"residual {i} ({r}) contains an infinity or NaN")
+            _check_real_constructs(i, r)
+        for s in self.unknowns + self.params:
+            if s.is_real is False or s.is_imaginary:
+                raise SystemDefinitionError(
+                    f"symbol {s} is declared non-real ({', '.join(k for k, v in s.assumptions0.items() if v)}); "
+                    f"the kernels compute in real numbers: declare it without those assumptions"
+                )
         self._check_structure()
 
     def _incidence(self) -> list[set[int]]:
@@ -175,24 +293,49 @@ class ResidualSystem:
             )
 
     def _initial_guess(self, guess) -> np.ndarray:
-        y0 = np.zeros(len(self.unknowns))
+        n = len(self.unknowns)
+        y0 = np.zeros(n)
         if guess is None:
             return y0
+        usage = (f"initial_guess must be a number, a sequence of {n} numbers (one per unknown) or a "
+                 f"dict {{unknown: number}}")
         if isinstance(guess, dict):
             pos = {s: j for j, s in enumerate(self.unknowns)}
+            by_name = {str(s): j for j, s in enumerate(self.unknowns)}
             for s, v in guess.items():
-                if s not in pos:
-                    raise SystemDefinitionError(f"initial_guess names {s}, which is not an unknown")
-                y0[pos[s]] = float(v)
+                j = pos.get(s, by_name.get(s) if isinstance(s, str) else None)
+                if j is None:
+                    raise SystemDefinitionError(
+                        f"initial_guess names {s!r}, which is not an unknown (unknowns: "
+                        f"{', '.join(map(str, self.unknowns))})"
+                    )
+                y0[j] = self._guess_value(v, f"initial_guess[{s}]", usage)
             return y0
-        arr = np.asarray(guess, dtype=float).ravel()
+        if isinstance(guess, (str, bytes)) or isinstance(guess, sp.Basic) and not guess.is_number:
+            raise SystemDefinitionError(f"{usage}, got {type(guess).__name__} {guess!r}")
+        try:
+            arr = np.asarray(guess, dtype=float).ravel()
+        except (TypeError, ValueError):
+            raise SystemDefinitionError(f"{usage}, got {type(guess).__name__} {guess!r}") from None
         if arr.size == 1:
-            return np.full(len(self.unknowns), float(arr[0]))
-        if arr.size != len(self.unknowns):
-            raise SystemDefinitionError(
-                f"initial_guess has {arr.size} values for {len(self.unknowns)} unknowns"
-            )
+            return np.full(n, self._guess_value(arr[0], "initial_guess", usage))
+        if arr.size != n:
+            raise SystemDefinitionError(f"initial_guess has {arr.size} values for {n} unknowns; {usage}")
+        for j, v in enumerate(arr):
+            self._guess_value(v, f"initial_guess for {self.unknowns[j]}", usage)
         return arr
+
+    @staticmethod
+    def _guess_value(v, where: str, usage: str) -> float:
+        if isinstance(v, (str, bytes, bool)) or v is None:
+            raise SystemDefinitionError(f"{where} is {v!r}; {usage}")
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise SystemDefinitionError(f"{where} is {type(v).__name__} {v!r}, not a real number; {usage}") from None
+        if not np.isfinite(x):
+            raise SystemDefinitionError(f"{where} is {x}; an initial guess must be finite")
+        return x
 
     # ------------------------------------------------------------------ derived objects
     @property
@@ -206,9 +349,20 @@ class ResidualSystem:
     @cached_property
     def derivation(self):
         """The :class:`~implicit_compiler.derive.Derivation`: Jacobians, sparsity, CSE."""
+        from types import SimpleNamespace
+
         from ..derive.jacobians import derive
 
-        return derive(self)
+        view = tuple(_for_diff(r) for r in self.residuals)
+        if view == self.residuals:
+            return derive(self)
+        # differentiate with real-argument rules (module docstring), then restore SymPy's functions
+        d = derive(SimpleNamespace(residuals=view, unknowns=self.unknowns, params=self.params,
+                                   n_unknowns=self.n_unknowns))
+        d.residuals = self.residuals
+        d.jac_y = [(i, j, _back(e)) for i, j, e in d.jac_y]
+        d.jac_p = [(i, j, _back(e)) for i, j, e in d.jac_p]
+        return d
 
     @property
     def jacobian_unknowns(self) -> sp.Matrix:

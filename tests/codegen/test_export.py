@@ -2,6 +2,7 @@
 
 import ast
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -83,3 +84,19 @@ def test_bad_sources_are_refused(appendix_layer):
         standalone_source(appendix_layer.source, layer_class="torch.nn.Module")
     with pytest.raises(ExportError, match="must end in .py"):
         export_layer(appendix_layer, "layer.txt")
+
+
+def test_export_leaves_out_the_cache_checksum_and_respects_the_umask(appendix_layer, tmp_path):
+    import stat
+
+    from implicit_compiler.codegen.cache import CHECKSUM_PREFIX
+
+    assert CHECKSUM_PREFIX in appendix_layer.source  # the cached module carries it ...
+    text = standalone_source(appendix_layer.source, options=appendix_layer.options, name="appendix")
+    assert CHECKSUM_PREFIX not in text  # ... which would not describe the exported file
+    old = os.umask(0o022)
+    try:
+        path = export_layer(appendix_layer, tmp_path / "exported.py")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
