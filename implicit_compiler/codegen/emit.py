@@ -4,7 +4,9 @@ The module holds, for that system only:
 
 * ``residual(y, p, F)`` and ``residual_jacobian(y, p, F, J)`` (one joint CSE for
   F and the structural non-zeros of dF/dy),
-* ``jac_params_absmax(y, p)`` (the scale of dF/dtheta, for the singularity test),
+* ``jac_params_absmax(y, p)`` (the scale of dF/dtheta, for the interior point's KKT check),
+* ``residual_scale(y, p, S)``: ``S_i = sum_j |dF_i/dy_j| |y_j|``, the scale of the
+  relative residual test (see :mod:`implicit_compiler.runtime.newton`),
 * ``vjp_params(y, p, v, need, out)``: ``out = -(dF/dtheta)^T v`` over the
   non-zeros of dF/dtheta only, one block per parameter group, skipped when
   ``need[g]`` is false,
@@ -100,6 +102,17 @@ def _kernel_jac_params_absmax(d, smap):
     for o in outs:
         body.append(f"{INDENT}m = max(m, abs({o}))")
     return head + body + [f"{INDENT}return m"]
+
+
+def _kernel_residual_scale(d, smap):
+    """``S[i] = sum_j |dF_i/dy_j| |y_j|`` over the structural non-zeros of dF/dy."""
+    head = ["@njit(cache=True, error_model='numpy', inline='always')", "def residual_scale(y, p, S):"]
+    lines, outs = cse_lines([e for _, _, e in d.jac_y], smap)
+    rows: dict[int, list[str]] = {i: [] for i in range(d.n)}
+    for (i, j, _), o in zip(d.jac_y, outs):
+        rows[i].append(f"abs({o}) * abs(y[{j}])")
+    body = list(lines) + [f"{INDENT}S[{i}] = {' + '.join(t) if t else '0.0'}" for i, t in rows.items()]
+    return head + body
 
 
 def _vjp_body(d, smap, param_groups, indent, v, out, prefix="t"):
@@ -257,27 +270,27 @@ def _scalar_res_jac(d, names, indent, with_jac=True, F="F", prefix="r"):
 
 
 def _scalar_lu_factor(n, indent):
-    """In-place partial-pivoting LU of the scalars a_i_j, as ``runtime.linalg.lu_factor``;
-    also leaves the reciprocal pivots r_k = 1 / U[k, k] for the solve."""
+    """In-place LU of the scalars a_i_j with row-scaled partial pivoting, as
+    ``runtime.linalg.lu_factor`` (weights w_i = 1 / rm_i, the reciprocal largest entry of
+    each original row, swapped with their rows); also leaves the reciprocal pivots
+    r_k = 1 / U[k, k] for the solve."""
     i1, i2, i3 = indent + INDENT, indent + 2 * INDENT, indent + 3 * INDENT
     out = [f"{indent}minp = math.inf", f"{indent}ok = True"]
+    out += [f"{indent}w_{i} = 1.0 / rm_{i} if (rm_{i} > 0.0 and rm_{i} < math.inf) else 1.0" for i in range(n)]
     for k in range(n):
         out.append(f"{indent}if ok:  # column {k}")
         out.append(f"{i1}piv_{k} = {k}")
-        out.append(f"{i1}best = abs(a_{k}_{k})")
+        out.append(f"{i1}best = abs(a_{k}_{k}) * w_{k}")
         for i in range(k + 1, n):
-            out += [f"{i1}v = abs(a_{i}_{k})", f"{i1}if v > best:", f"{i2}best = v", f"{i2}piv_{k} = {i}"]
-        out += [f"{i1}if best < minp:", f"{i2}minp = best",
-                f"{i1}if best == 0.0:", f"{i2}minp = 0.0", f"{i2}ok = False"]
-        if k == n - 1:
-            out += [f"{i1}else:", f"{i2}r_{k} = 1.0 / a_{k}_{k}"]
-            break
-        out.append(f"{i1}else:")
+            out += [f"{i1}v = abs(a_{i}_{k}) * w_{i}", f"{i1}if v > best:", f"{i2}best = v", f"{i2}piv_{k} = {i}"]
         for i in range(k + 1, n):
-            out.append(f"{i2}if piv_{k} == {i}:")
+            out.append(f"{i1}if piv_{k} == {i}:")
+            out.append(f"{i2}w_{k}, w_{i} = w_{i}, w_{k}")
             for j in range(n):
-                out.append(f"{i3}a_{k}_{j}, a_{i}_{j} = a_{i}_{j}, a_{k}_{j}")
-        out.append(f"{i2}r_{k} = 1.0 / a_{k}_{k}")
+                out.append(f"{i2}a_{k}_{j}, a_{i}_{j} = a_{i}_{j}, a_{k}_{j}")
+        out += [f"{i1}v = abs(a_{k}_{k})", f"{i1}if v < minp:", f"{i2}minp = v",
+                f"{i1}if v == 0.0:", f"{i2}minp = 0.0", f"{i2}ok = False"]
+        out += [f"{i1}else:", f"{i2}r_{k} = 1.0 / a_{k}_{k}"]
         for i in range(k + 1, n):
             out += [f"{i2}a_{i}_{k} *= r_{k}", f"{i2}if a_{i}_{k} != 0.0:"]
             out += [f"{i3}a_{i}_{j} -= a_{i}_{k} * a_{k}_{j}" for j in range(k + 1, n)]
@@ -315,7 +328,9 @@ def _scalar_lu_solve_transpose(n, indent, b):
 
 
 def _kernels_scalar(d, param_groups):
-    """``newton_range`` and ``vjp_range`` with scalar per-sample state."""
+    """``newton_range`` and ``vjp_range`` with scalar per-sample state; the Newton sample
+    mirrors ``runtime.newton.newton_one`` (convergence tests, final evaluation and
+    factorisation at y*, ``solution_status``), computing the inverse norm exactly."""
     n, m = d.n, d.m
     I1, I2, I3, I4 = INDENT, INDENT * 2, INDENT * 3, INDENT * 4
     ys = [f"y_{i}" for i in range(n)]
@@ -324,72 +339,98 @@ def _kernels_scalar(d, param_groups):
     pmap = {s: ps[j] for j, s in enumerate(d.params)}
     ymap = {**{s: ys[j] for j, s in enumerate(d.unknowns)}, **pmap}
     umap = {**{s: us[j] for j, s in enumerate(d.unknowns)}, **pmap}
-    args = ", ".join(ys + ps)
+    Fs = [f"F_{i}" for i in range(n)]
 
-    # scale of dF/dtheta at a point, for the singularity test
-    jp = ["@njit(cache=True, error_model='numpy', inline='always')", f"def _jpabs({args}):"]
-    if d.jac_p:
-        lines, outs = cse_lines([e for _, _, e in d.jac_p], ymap, prefix="q")
-        jp += lines + [f"{I1}m = 0.0"] + [f"{I1}m = max(m, abs({o}))" for o in outs] + [f"{I1}return m"]
-    else:
-        jp += [f"{I1}return 0.0"]
+    def norm2(indent, target, names, ninf):
+        # runtime.newton.norm2: scaled by the largest entry, no overflow
+        return [f"{indent}if {ninf} > 0.0 and {ninf} < math.inf:",
+                f"{indent}{INDENT}{target} = {ninf} * math.sqrt("
+                + " + ".join(f"({v} / {ninf}) * ({v} / {ninf})" for v in names) + ")",
+                f"{indent}else:", f"{indent}{INDENT}{target} = {ninf}"]
 
-    def check(indent):
-        # runtime.newton.check_solution: smallest pivot against the scale of [dF/dy, dF/dtheta]
-        out = [f"{indent}scale = 0.0"]
-        for i in range(n):
-            out += [f"{indent}if abs(a_{i}_{i}) > scale:", f"{indent}{INDENT}scale = abs(a_{i}_{i})"]
-        out += [f"{indent}scale = max(scale, _jpabs({args}))",
-                f"{indent}status = SINGULAR_AT_SOLUTION if minp <= singular_tol * scale else CONVERGED"]
-        return out
-
-    def sq(names):
-        return "0.5 * (" + " + ".join(f"{v} * {v}" for v in names) + ")"
+    res_ok_rel = " and ".join(f"(abs(F_{i}) <= ftol or abs(F_{i}) <= rtol * S_{i})" for i in range(n))
 
     f = ["@njit(cache=True, error_model='numpy', inline='always')",
-         "def _newton_sample(b, b0, Y0, P, ftol, xtol, max_iter, singular_tol, Y, LU, PIV, INFO):"]
+         "def _newton_sample(b, b0, Y0, P, ftol, rtol, xtol, max_iter, singular_tol, Y, LU, PIV, INFO):"]
     f += [f"{I1}p_{j} = P[b, {j}]" for j in range(m)]
     f += [f"{I1}y_{i} = Y0[b0, {i}]" for i in range(n)]
     f += [f"{I1}INFO[b, 0] = 0.0", f"{I1}INFO[b, 1] = math.inf"]
     f += [f"{I1}Y[b, {i}] = y_{i}" for i in range(n)]
-    f += [f"{I1}if not ({' and '.join(f'math.isfinite({v})' for v in ps + ys)}):",
-          f"{I2}return NONFINITE"]
+    # Finiteness of the inputs, in a loop over P (one argument per parameter has no limit here).
+    f += [f"{I1}for j in range(M):", f"{I2}if not math.isfinite(P[b, j]):", f"{I3}return NONFINITE"]
+    f += [f"{I1}if not ({' and '.join(f'math.isfinite({v})' for v in ys)}):", f"{I2}return NONFINITE"]
+    # (local names must not start like the CSE temporaries r0.., s0.., w0..)
+    f += _nan_max_lines(I1, "yfloor", ys)
+    f += [f"{I1}if not (yfloor > 0.0 and yfloor < 1.0):", f"{I2}yfloor = 1.0"]
     f += _scalar_res_jac(d, ymap, I1)
-    f += _nan_max_lines(I1, "fnorm", [f"F_{i}" for i in range(n)])
+    f += _nan_max_lines(I1, "fnorm", Fs)
     f += [f"{I1}INFO[b, 1] = fnorm", f"{I1}if not math.isfinite(fnorm):", f"{I2}return NONFINITE"]
-    f += [f"{I1}phi = {sq([f'F_{i}' for i in range(n)])}", f"{I1}it = 0", f"{I1}minp = 0.0",
-          f"{I1}status = CONVERGED"]
+    f += norm2(I1, "fn2", Fs, "fnorm")
+    f += [f"{I1}it = 0", f"{I1}prev = 0.0", f"{I1}final = False", f"{I1}linear = False",
+          f"{I1}minp = 0.0", f"{I1}status = CONVERGED"]
     f += [f"{I1}piv_{k} = {k}" for k in range(n)]
     f += [f"{I1}u_{i} = y_{i}" for i in range(n)]
     f += [f"{I1}r_{i} = 1.0" for i in range(n)]
     f += [f"{I1}while True:"]
+    # residual scale S_i = sum_j |dF_i/dy_j| |y_j| (runtime residual_scale) and row maxima
+    for i in range(n):
+        f.append(f"{I2}S_{i} = " + " + ".join(f"abs(a_{i}_{j}) * abs(y_{j})" for j in range(n)))
+    for i in range(n):
+        f += [f"{I2}rm_{i} = 0.0"] + [f"{I2}rm_{i} = nan_max(rm_{i}, abs(a_{i}_{j}))" for j in range(n)]
+    # final pass: equilibration of J(y*) (runtime.linalg.equilibrate)
+    f += [f"{I2}if final:"]
+    f += [f"{I3}if not ({' and '.join(f'rm_{i} < math.inf' for i in range(n))}):",
+          f"{I4}status = NONFINITE", f"{I4}break"]
+    f += [f"{I3}rx_{i} = rm_{i} if rm_{i} > 0.0 else 1.0" for i in range(n)]
+    for j in range(n):
+        col = ", ".join(f"abs(a_{i}_{j}) / rx_{i}" for i in range(n))
+        f += [f"{I3}cm_{j} = max({col}{', 0.0' if n == 1 else ''})"]
+        f += [f"{I3}if not cm_{j} > 0.0:", f"{I4}cm_{j} = 1.0"]
+    f += [f"{I3}anorm = max(" + ", ".join(
+        "(" + " + ".join(f"abs(a_{i}_{j}) / rx_{i}" for i in range(n)) + f") / cm_{j}" for j in range(n))
+        + (", 0.0)" if n == 1 else ")")]
     f += _scalar_lu_factor(n, I2)
+    f += [f"{I2}if final:", f"{I3}if not (minp > 0.0):", f"{I4}status = SINGULAR_AT_SOLUTION", f"{I4}break"]
+    # exact ||Ae^{-1}||_1 = max_j ||cm * J^{-1} (rx_j e_j)||_1 (runtime.linalg.inv_norm1)
+    f += [f"{I3}est = 0.0"]
+    for j in range(n):
+        f += [f"{I3}e_{i} = {'rx_' + str(j) if i == j else '0.0'}" for i in range(n)]
+        f += _scalar_lu_solve(n, I3, "e")
+        f += [f"{I3}est = nan_max(est, " + " + ".join(f"abs(e_{i}) * cm_{i}" for i in range(n)) + ")"]
+    f += [f"{I3}if linear or not (anorm * est * singular_tol <= 1.0):",
+          f"{I4}status = SINGULAR_AT_SOLUTION", f"{I3}break"]
+    f += [f"{I2}res_ok = fnorm <= ftol or ({res_ok_rel})"]
     f += [f"{I2}if not (minp > 0.0):",
-          f"{I3}status = SINGULAR_AT_SOLUTION if fnorm <= ftol else SINGULAR_JACOBIAN",
+          f"{I3}status = SINGULAR_AT_SOLUTION if res_ok else SINGULAR_JACOBIAN",
           f"{I3}break"]
     f += [f"{I2}d_{i} = -F_{i}" for i in range(n)]
     f += _scalar_lu_solve(n, I2, "d")
-    f += [f"{I2}if fnorm <= ftol:"]
-    f += _nan_max_lines(I3, "step", [f"d_{i}" for i in range(n)])
-    f += _nan_max_lines(I3, "ynorm", ys)
-    f += [f"{I3}if step <= xtol * (1.0 + ynorm):"]
-    f += [f"{I4}y_{i} += d_{i}" for i in range(n)]
-    f += check(I4) + [f"{I4}break"]
-    f += [f"{I2}if it >= max_iter:", f"{I3}status = MAX_ITERATIONS", f"{I3}break"]
-    f += [f"{I2}t = 1.0", f"{I2}accepted = False", f"{I2}while t >= MIN_STEP:"]
-    f += [f"{I3}u_{i} = y_{i} + t * d_{i}" for i in range(n)]
-    f += _scalar_res_jac(d, umap, I3, with_jac=False, F="G", prefix="s")
-    f += [f"{I3}phit = {sq([f'G_{i}' for i in range(n)])}",
-          f"{I3}if phit <= (1.0 - 2.0 * ARMIJO_C * t) * phi:", f"{I4}accepted = True", f"{I4}break",
-          f"{I3}t *= 0.5"]
-    f += [f"{I2}if not accepted:", f"{I3}if fnorm <= ftol:"]
-    f += check(I4)
-    f += [f"{I3}else:", f"{I4}status = LINE_SEARCH_FAILED", f"{I3}break"]
+    f += _nan_max_lines(I2, "step", [f"d_{i}" for i in range(n)])
+    f += _nan_max_lines(I2, "ynorm", ys)
+    f += [f"{I2}xs = xtol * (yfloor + ynorm)"]
+    f += [f"{I2}if step <= xs and res_ok:",
+          f"{I3}linear = prev > 0.0 and step > LINEAR_RATE * prev"]
+    f += [f"{I3}u_{i} = y_{i} + d_{i}" for i in range(n)]
+    f += [f"{I3}final = True", f"{I2}else:"]
+    f += [f"{I3}if it >= max_iter:", f"{I4}status = MAX_ITERATIONS", f"{I4}break"]
+    f += [f"{I3}t = 1.0", f"{I3}accepted = False", f"{I3}finite_trial = False", f"{I3}while t >= MIN_STEP:"]
+    I5 = INDENT * 5
+    f += [f"{I4}u_{i} = y_{i} + t * d_{i}" for i in range(n)]
+    f += _scalar_res_jac(d, umap, I4, with_jac=False, F="G", prefix="s")
+    Gs = [f"G_{i}" for i in range(n)]
+    f += _nan_max_lines(I4, "gnorm", Gs)
+    f += norm2(I4, "ft2", Gs, "gnorm")
+    f += [f"{I4}if ft2 <= math.sqrt(1.0 - 2.0 * ARMIJO_C * t) * fn2:", f"{I5}accepted = True", f"{I5}break",
+          f"{I4}if ft2 < math.inf:", f"{I5}finite_trial = True", f"{I4}t *= 0.5"]
+    f += [f"{I3}if not accepted:",
+          f"{I4}if not finite_trial:", f"{I5}status = NONFINITE",
+          f"{I4}else:", f"{I5}status = SINGULAR_AT_SOLUTION if res_ok else LINE_SEARCH_FAILED", f"{I4}break"]
+    f += [f"{I3}prev = t * step", f"{I3}it += 1"]
     f += [f"{I2}y_{i} = u_{i}" for i in range(n)]
-    f += [f"{I2}it += 1"]
     f += _scalar_res_jac(d, ymap, I2)
-    f += _nan_max_lines(I2, "fnorm", [f"F_{i}" for i in range(n)])
-    f += [f"{I2}phi = {sq([f'F_{i}' for i in range(n)])}"]
+    f += _nan_max_lines(I2, "fnorm", Fs)
+    f += [f"{I2}if not math.isfinite(fnorm):", f"{I3}status = NONFINITE", f"{I3}break"]
+    f += norm2(I2, "fn2", Fs, "fnorm")
     f += [f"{I1}Y[b, {i}] = y_{i}" for i in range(n)]
     f += [f"{I1}INFO[b, 0] = it", f"{I1}INFO[b, 1] = fnorm"]
     f += [f"{I1}LU[b, {i}, {j}] = a_{i}_{j}" for i in range(n) for j in range(n)]
@@ -398,11 +439,12 @@ def _kernels_scalar(d, param_groups):
     # a_i_j are first assigned in _scalar_res_jac before the loop; minp/piv_k before it too.
 
     r = ["@njit(cache=True, error_model='numpy', nogil=True)",
-         "def newton_range(lo, hi, Y0, P, ftol, xtol, max_iter, singular_tol, Y, LU, PIV, STATUS, INFO):",
+         "def newton_range(lo, hi, Y0, P, ftol, rtol, xtol, max_iter, singular_tol, Y, LU, PIV, STATUS, INFO):",
          f"{I1}# Samples lo..hi-1 on the calling thread, all per-sample state in scalars.",
          f"{I1}sy = 1 if Y0.shape[0] > 1 else 0  # Y0 is (B, n), or (1, n) shared by all samples",
          f"{I1}for b in range(lo, hi):",
-         f"{I2}STATUS[b] = _newton_sample(b, b * sy, Y0, P, ftol, xtol, max_iter, singular_tol, Y, LU, PIV, INFO)"]
+         f"{I2}STATUS[b] = _newton_sample(b, b * sy, Y0, P, ftol, rtol, xtol, max_iter, singular_tol,",
+         f"{I2}                           Y, LU, PIV, INFO)"]
 
     v = ["@njit(cache=True, error_model='numpy', nogil=True)",
          "def vjp_range(lo, hi, Y, P, LU, PIV, STATUS, YBAR, need, PBAR):",
@@ -417,7 +459,7 @@ def _kernels_scalar(d, param_groups):
     v += [f"{I2}v_{i} = YBAR[b, {i}]" for i in range(n)]
     v += _scalar_lu_solve_transpose(n, I2, "v")
     v += _vjp_body(d, ymap, param_groups, I2, lambda i: f"v_{i}", lambda c: f"PBAR[b, {c}]", prefix="w")
-    return jp + [""] + f + [""] + r + [""] + v
+    return f + [""] + r + [""] + v
 
 
 def _kernels_factor_wrappers(kind: str):
@@ -487,6 +529,7 @@ def emit_module(derivation, layout: dict, key: str, options: dict | None = None)
         _kernel_residual(d, smap),
         _kernel_residual_jacobian(d, smap),
         _kernel_jac_params_absmax(d, smap),
+        _kernel_residual_scale(d, smap),
         _kernel_vjp_params(d, smap, layout["param_groups"]),
     ]
     if d.factorization == "sparse":
@@ -546,6 +589,5 @@ def _header(d, layout, key) -> str:
               "                                              sparse_lu_solve_transpose)",
               "from implicit_compiler.runtime.status import (CONVERGED, LINE_SEARCH_FAILED, MAX_ITERATIONS, NONFINITE,",
               "                                              SINGULAR_AT_SOLUTION, SINGULAR_JACOBIAN)",
-              "from implicit_compiler.runtime.newton import ARMIJO_C, MIN_STEP, nan_max, newton_one",
-              "from implicit_compiler.runtime.trust_region import trust_region_one"]
+              "from implicit_compiler.runtime.newton import ARMIJO_C, LINEAR_RATE, MIN_STEP, nan_max, newton_one"]
     return "\n".join(lines) + "\n"

@@ -1,12 +1,16 @@
 """Fixed-point iteration ``y <- g(y, theta)`` for one sample, plain or Anderson-accelerated.
 
 Layers written as ``y = g(y, theta)`` are compiled with the residual
-``F = y - g``, so ``g(y) = y - F(y)``. Iteration stops when ``||F||_inf <= ftol``.
+``F = y - g``, so ``g(y) = y - F(y)``. Iteration stops when
+``||F||_inf <= max(ftol, rtol ||y||_inf)`` (``rtol`` relative to the iterate, the scale of
+the two terms of ``F = y - g``).
 Anderson acceleration (window ``m``) mixes the last ``m`` iterates:
 ``gamma = argmin ||f_k - dF gamma||`` (regularised normal equations) and
 ``y_{k+1} = g(y_k) - dG gamma``; a non-finite mixed step falls back to the
 plain step and clears the history. At the end ``dF/dy`` is evaluated and
-factored at the returned point for the implicit backward pass.
+factored at the returned point for the implicit backward pass, and the point is
+classified by :func:`implicit_compiler.runtime.newton.solution_status` (the
+equilibrated condition number of dF/dy against ``singular_tol``).
 """
 
 import numpy as np
@@ -14,15 +18,15 @@ from numba import njit
 
 from . import status as st
 from .linalg import lu_factor, lu_solve
-from .newton import all_finite, check_solution, factor_checked, inf_norm
+from .newton import all_finite, inf_norm, solution_status
 
 ANDERSON_REG = 1e-10
 
 
 @njit(cache=True, inline="always")
-def fixed_point_one(n, m, residual, residual_jacobian, factor, factor_dense, jac_params_absmax,
-                    y0, p, ftol, max_iter, singular_tol, memory,
-                    y, J, piv, F, g, dF, dG, fprev, gprev, H, hpiv, rhs, info):
+def fixed_point_one(n, m, residual, residual_jacobian, factor, factor_dense, solve, solve_transpose,
+                    y0, p, ftol, rtol, max_iter, singular_tol, memory,
+                    y, J, piv, F, g, dF, dG, fprev, gprev, H, hpiv, rhs, W, info):
     info[0] = 0.0
     info[1] = np.inf
     for i in range(n):
@@ -37,7 +41,7 @@ def fixed_point_one(n, m, residual, residual_jacobian, factor, factor_dense, jac
     it = 0
     hist = 0  # number of stored difference columns
     head = 0  # ring-buffer position of the next column
-    while fnorm > ftol:
+    while fnorm > max(ftol, rtol * inf_norm(n, y)):
         if it >= max_iter:
             return st.MAX_ITERATIONS
         # f_k = g(y_k) - y_k = -F(y_k);  g_k = y_k - F(y_k)
@@ -88,8 +92,6 @@ def fixed_point_one(n, m, residual, residual_jacobian, factor, factor_dense, jac
         info[1] = fnorm
         if not np.isfinite(fnorm):
             return st.NONFINITE
-    residual_jacobian(y, p, F, J)
-    min_pivot = factor_checked(n, residual_jacobian, factor, factor_dense, y, p, F, J, piv)
-    if not (min_pivot > 0.0):
-        return st.SINGULAR_AT_SOLUTION
-    return check_solution(n, min_pivot, J, jac_params_absmax(y, p), singular_tol)
+    residual_jacobian(y, p, F, J)  # J was never factored here: zero outside the pattern
+    return solution_status(n, residual_jacobian, factor, factor_dense, solve, solve_transpose,
+                           y, p, F, J, piv, singular_tol, W[0], W[1], W[2], g)

@@ -141,10 +141,12 @@ class Kernels:
             return cached[1]
         method = options.method or self.layout.get("default_method", "newton")
         if method in ("newton", "trust-region"):
-            scalars = (float(options.tol), float(options.xtol), int(options.max_iter), float(options.singular_tol))
+            scalars = (float(options.tol), float(options.rtol), float(options.xtol), int(options.max_iter),
+                       float(options.singular_tol))
         else:
             memory = 0 if method == "picard" else int(options.anderson_memory)
-            scalars = (float(options.tol), int(options.max_iter), float(options.singular_tol), memory)
+            scalars = (float(options.tol), float(options.rtol), int(options.max_iter), float(options.singular_tol),
+                       memory)
         self._options_cache = (options, (method, scalars))
         return method, scalars
 

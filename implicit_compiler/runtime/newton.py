@@ -1,29 +1,49 @@
 """Damped Newton for one sample of ``F(y, theta) = 0``.
 
 The generated module passes its own kernels in as first-class functions
-(``residual``, ``residual_jacobian``, ``factor``, ``solve``) and its sizes
-``n``, ``m`` as compile-time constants; Numba inlines and specialises this
-driver for them, and the specialisation is cached with the module.
+(``residual``, ``residual_jacobian``, ``residual_scale``, ``factor``, ``solve``, ...)
+and its sizes ``n``, ``m`` as compile-time constants; Numba inlines and specialises
+this driver for them, and the specialisation is cached with the module.
 
-Iteration, with ``phi(y) = ||F(y)||^2 / 2``::
+Iteration, with ``||.||`` the max norm unless marked::
 
-    factor J(y_k);  d = -J^{-1} F(y_k)
-    stop (converged) when ||F||_inf <= ftol and ||d||_inf <= xtol (1 + ||y_k||_inf)
-    backtrack t = 1, 1/2, ... until phi(y_k + t d) <= (1 - 2 c t) phi(y_k)
+    factor J(y_k) = dF/dy;  d = -J^{-1} F(y_k)
+    converged when  ||d|| <= xtol (s0 + ||y_k||)                       (step test)
+               and  |F_i| <= max(ftol, rtol * S_i)  for every i          (residual test)
+        where S_i = sum_j |dF_i/dy_j| |y_j| (residual_scale: how much F_i moves under
+        a relative change of y) and s0 = min(1, ||y0||) (1 when y0 = 0)
+    backtrack t = 1, 1/2, ... until ||F(y_k + t d)||_2^2 <= (1 - 2 c t) ||F(y_k)||_2^2
     y_{k+1} = y_k + t d
 
-On convergence the final step is applied, ``y* = y_k + d``, and the
-factorisation of ``J(y_k)`` is left in ``J``/``piv`` for the backward pass
-(``||y* - y_k|| <= xtol (1 + ||y_k||)``, so the gradient error is of that order).
+On convergence the final step is applied, ``y* = y_k + d``, and F and J are
+evaluated and factored once more at ``y*``: that factorisation is kept in ``J``/``piv``
+for the backward pass, and :func:`solution_status` classifies the point.
+
+``y*`` is reported ``SINGULAR_AT_SOLUTION`` (a degenerate root: dy/dtheta does not
+exist or is not determined) when
+
+* a pivot of J(y*) is exactly zero, or the reciprocal condition number of the
+  row- and column-equilibrated J(y*) is below ``singular_tol`` (invariant under
+  scaling any residual or any unknown);
+* the iteration converged linearly: the last step is more than ``LINEAR_RATE`` times
+  the one before (Newton's steps shrink quadratically at a regular root and by
+  half per step at a double root);
+* the residual meets its test but the line search cannot reduce it any further
+  while the Newton step is still above the step tolerance (F is zero to rounding,
+  yet y is not determined to xtol: the root is degenerate or too ill-conditioned).
 """
 
 import numpy as np
 from numba import njit
 
 from . import status as st
+from .linalg import equilibrate, inv_norm1
 
 ARMIJO_C = 1e-4
 MIN_STEP = 1e-10
+# Converged steps shrinking by more than this factor per step count as linear convergence
+# (a double root halves the step; a regular root squares it).
+LINEAR_RATE = 0.25
 
 
 @njit(cache=True, inline="always")
@@ -69,16 +89,45 @@ def max_abs_diag(n, A):
 
 @njit(cache=True, inline="always")
 def check_solution(n, min_pivot, J, jpabs, singular_tol):
-    """Status of a converged point: is dF/dy numerically singular there?
-
-    ``min_pivot`` is the smallest |U_kk| of the factorisation at the point. It is
-    compared with the scale of the whole Jacobian [dF/dy, dF/dtheta], so the test
-    does not change when F is multiplied by a constant.
-    """
+    """Pivot-based classification kept for the KKT factorisation of the interior-point
+    solver (``runtime.interior_point.kkt_factor``): the smallest |U_kk| against the scale
+    of the whole Jacobian [dF/dy, dF/dtheta]. Residual systems use :func:`solution_status`."""
     scale = max(max_abs_diag(n, J), jpabs)
     if min_pivot <= singular_tol * scale:
         return st.SINGULAR_AT_SOLUTION
     return st.CONVERGED
+
+
+@njit(cache=True, inline="always")
+def norm2(n, v):
+    """Euclidean norm without overflow or underflow (scaled by the largest entry)."""
+    m = inf_norm(n, v)
+    if not (m > 0.0 and m < np.inf):
+        return m
+    s = 0.0
+    for i in range(n):
+        t = v[i] / m
+        s += t * t
+    return m * np.sqrt(s)
+
+
+@njit(cache=True, inline="always")
+def step_floor(n, y0):
+    """``s0`` of the step test: ``min(1, ||y0||_inf)``, or 1 when ``y0 = 0``."""
+    m = inf_norm(n, y0)
+    if m > 0.0 and m < 1.0:
+        return m
+    return 1.0
+
+
+@njit(cache=True, inline="always")
+def residual_ok(n, F, S, ftol, rtol):
+    """``|F_i| <= max(ftol, rtol * S_i)`` for every i (S: the residual scale)."""
+    for i in range(n):
+        a = abs(F[i])
+        if not (a <= ftol or a <= rtol * S[i]):
+            return False
+    return True
 
 
 @njit(cache=True, inline="always")
@@ -96,61 +145,121 @@ def factor_checked(n, residual_jacobian, factor, factor_dense, y, p, F, J, piv):
 
 
 @njit(cache=True, inline="always")
-def newton_one(n, m, residual, residual_jacobian, factor, factor_dense, solve, jac_params_absmax,
-               y0, p, ftol, xtol, max_iter, singular_tol,
-               y, J, piv, F, d, yt, Ft, info):
-    """Solve one sample. Writes ``y``, the factorisation in ``J``/``piv``, and
-    ``info = (iterations, ||F||_inf)``; returns the status code."""
+def reevaluate(n, residual_jacobian, y, p, F, J, piv):
+    """F and J at ``y``. After a dense factorisation (``piv[n] == 1``) J is zeroed first:
+    a sparse module writes only its fill positions, and the scans of
+    :func:`solution_status` read all of J."""
+    if piv[n] == 1:
+        for i in range(n):
+            for j in range(n):
+                J[i, j] = 0.0
+    residual_jacobian(y, p, F, J)
+
+
+@njit(cache=True, inline="always")
+def solution_status(n, residual_jacobian, factor, factor_dense, solve, solve_transpose,
+                    y, p, F, J, piv, singular_tol, rmax, cmax, x, z):
+    """Classify the point ``y`` where F and J (unfactored) have just been evaluated;
+    leaves the factorisation of J in ``J``/``piv``.
+
+    ``NONFINITE`` if J has a NaN or inf entry; ``SINGULAR_AT_SOLUTION`` if a pivot is
+    zero or ``1 / (||Ae||_1 ||Ae^{-1}||_1) < singular_tol`` for the equilibrated ``Ae``
+    (see :func:`implicit_compiler.runtime.linalg.equilibrate`); else ``CONVERGED``."""
+    anorm = equilibrate(n, J, rmax, cmax)
+    if anorm < 0.0:
+        return st.NONFINITE
+    min_pivot = factor_checked(n, residual_jacobian, factor, factor_dense, y, p, F, J, piv)
+    if not (min_pivot > 0.0):
+        return st.SINGULAR_AT_SOLUTION
+    est = inv_norm1(n, solve, solve_transpose, J, piv, rmax, cmax, x, z)
+    if not (anorm * est * singular_tol <= 1.0):
+        return st.SINGULAR_AT_SOLUTION
+    return st.CONVERGED
+
+
+@njit(cache=True, inline="always")
+def newton_one(n, m, residual, residual_jacobian, residual_scale, factor, factor_dense, solve,
+               solve_transpose, y0, p, ftol, rtol, xtol, max_iter, singular_tol,
+               y, J, piv, F, d, yt, Ft, W, info):
+    """Solve one sample. Writes ``y``, the factorisation of J(y) in ``J``/``piv``, and
+    ``info = (iterations, ||F(y)||_inf)``; returns the status code. ``W``: (3, n) scratch."""
     info[0] = 0.0
     info[1] = np.inf
-    if not all_finite(m, p) or not all_finite(n, y0):
-        for i in range(n):
-            y[i] = y0[i]
-        return st.NONFINITE
     for i in range(n):
         y[i] = y0[i]
+    if not all_finite(m, p) or not all_finite(n, y0):
+        return st.NONFINITE
+    S = W[0]
+    s0 = step_floor(n, y0)
     residual_jacobian(y, p, F, J)
     fnorm = inf_norm(n, F)
     info[1] = fnorm
     if not np.isfinite(fnorm):
         return st.NONFINITE
-    phi = half_sq_norm(n, F)
+    fn2 = norm2(n, F)
     it = 0
+    prev = 0.0  # length of the last step taken
     while True:
         min_pivot = factor_checked(n, residual_jacobian, factor, factor_dense, y, p, F, J, piv)
         if not (min_pivot > 0.0):
             if fnorm <= ftol:
+                return st.SINGULAR_AT_SOLUTION
+            residual_scale(y, p, S)
+            if residual_ok(n, F, S, ftol, rtol):
                 return st.SINGULAR_AT_SOLUTION
             return st.SINGULAR_JACOBIAN
         for i in range(n):
             d[i] = -F[i]
         solve(J, piv, d)
         step = inf_norm(n, d)
-        if fnorm <= ftol and step <= xtol * (1.0 + inf_norm(n, y)):
+        xs = xtol * (s0 + inf_norm(n, y))
+        res_ok = fnorm <= ftol
+        if step <= xs and not res_ok:
+            residual_scale(y, p, S)
+            res_ok = residual_ok(n, F, S, ftol, rtol)
+        if step <= xs and res_ok:
+            linear = prev > 0.0 and step > LINEAR_RATE * prev
             # Take the final (tiny) Newton step: the returned y is then accurate to
-            # O(step^2), while the factorisation kept for the backward pass is the one
-            # at y_k, a distance <= xtol away (a relative error of that order in the gradient).
+            # O(step^2); F and J are evaluated and factored again there.
             for i in range(n):
                 y[i] += d[i]
-            return check_solution(n, min_pivot, J, jac_params_absmax(y, p), singular_tol)
+            reevaluate(n, residual_jacobian, y, p, F, J, piv)
+            info[1] = inf_norm(n, F)
+            if not np.isfinite(info[1]):
+                return st.NONFINITE
+            status = solution_status(n, residual_jacobian, factor, factor_dense, solve, solve_transpose,
+                                     y, p, F, J, piv, singular_tol, W[1], W[2], yt, Ft)
+            if status == st.CONVERGED and linear:
+                return st.SINGULAR_AT_SOLUTION
+            return status
         if it >= max_iter:
             return st.MAX_ITERATIONS
         t = 1.0
         accepted = False
+        finite_trial = False
         while t >= MIN_STEP:
             for i in range(n):
                 yt[i] = y[i] + t * d[i]
             residual(yt, p, Ft)
-            phit = half_sq_norm(n, Ft)
-            if phit <= (1.0 - 2.0 * ARMIJO_C * t) * phi:
+            ft2 = norm2(n, Ft)
+            if ft2 <= np.sqrt(1.0 - 2.0 * ARMIJO_C * t) * fn2:  # NaN/inf trial: rejected
                 accepted = True
                 break
+            if ft2 < np.inf:
+                finite_trial = True
             t *= 0.5
         if not accepted:
-            if fnorm <= ftol:
-                # At the floating-point floor: F cannot be reduced further.
-                return check_solution(n, min_pivot, J, jac_params_absmax(y, p), singular_tol)
+            if not finite_trial:
+                return st.NONFINITE  # F overflowed (or NaN) at every trial point
+            if not res_ok:
+                residual_scale(y, p, S)
+                res_ok = residual_ok(n, F, S, ftol, rtol)
+            if res_ok:
+                # F is zero to rounding but the Newton step is not small: the root is
+                # not determined to xtol (degenerate, or too ill-conditioned).
+                return st.SINGULAR_AT_SOLUTION
             return st.LINE_SEARCH_FAILED
+        prev = t * step
         for i in range(n):
             y[i] = yt[i]
         it += 1
@@ -158,4 +267,6 @@ def newton_one(n, m, residual, residual_jacobian, factor, factor_dense, solve, j
         residual_jacobian(y, p, F, J)
         fnorm = inf_norm(n, F)
         info[1] = fnorm
-        phi = half_sq_norm(n, F)
+        if not np.isfinite(fnorm):
+            return st.NONFINITE
+        fn2 = norm2(n, F)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, fields, replace
+
+from ..errors import InputError
 
 FAILURE_POLICIES = ("raise", "nan", "keep")
 METHODS = ("newton", "trust-region", "anderson", "picard")
@@ -12,16 +16,29 @@ METHODS = ("newton", "trust-region", "anderson", "picard")
 class SolverOptions:
     """How the forward solve runs and what failed samples do.
 
+    A Newton iterate ``y`` with step ``d = -J^{-1} F(y)`` is converged when (max norms)::
+
+        ||d|| <= xtol (s0 + ||y||)                      s0 = min(1, ||y0||), 1 if y0 = 0
+        |F_i| <= max(tol, rtol * S_i)  for every i      S_i = sum_j |dF_i/dy_j| |y_j|
+
+    (fixed-point iterations: ``||F|| <= max(tol, rtol ||y||)``). See docs/solver-status.md.
+
     tol
-        Converged when ``||F(y)||_inf <= tol`` ...
+        Absolute residual tolerance.
+    rtol
+        Relative residual tolerance: ``|F_i|`` against ``S_i``, the change of ``F_i``
+        under a relative change of ``y`` of 1; residuals of any magnitude meet it.
     xtol
-        ... and the Newton step satisfies ``||dy||_inf <= xtol (1 + ||y||_inf)``.
+        Step tolerance, relative to ``||y||`` plus the floor ``s0`` (which follows the
+        magnitude of the initial guess when it is below 1).
     max_iter
         Iteration cap per sample.
     singular_tol
-        At a converged point, dF/dy counts as singular (status
-        ``SINGULAR_AT_SOLUTION``: no implicit gradient) when its smallest LU pivot is
-        below ``singular_tol`` times the largest entry of ``[dF/dy, dF/dtheta]``.
+        A solution counts as degenerate (status ``SINGULAR_AT_SOLUTION``: no implicit
+        gradient) when the reciprocal 1-norm condition number of dF/dy there, after
+        scaling its rows and columns to a largest entry of 1, is below ``singular_tol``
+        (default 1e-8, about sqrt(machine epsilon): half of the 16 digits lost), or when
+        Newton converged linearly, as it does at a double root.
     method
         ``"newton"`` (damped Newton), ``"trust-region"`` (Newton with Powell's dogleg
         trust region, as MINPACK's hybrj), ``"anderson"`` (Anderson-accelerated fixed point)
@@ -49,20 +66,21 @@ class SolverOptions:
     on_failure: str = "raise"
     warm_start: bool = False
     parallel_threshold: int = 32
+    rtol: float = 1e-10
 
     def __post_init__(self):
-        if self.on_failure not in FAILURE_POLICIES:
-            raise ValueError(f"on_failure must be one of {FAILURE_POLICIES}, got {self.on_failure!r}")
+        for name in ("tol", "xtol", "rtol"):
+            _check_float(name, getattr(self, name), "a finite number >= 0", lambda v: v >= 0)
+        _check_float("singular_tol", self.singular_tol, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        _check_int("max_iter", self.max_iter, "an int >= 0", lambda v: v >= 0)
+        _check_int("anderson_memory", self.anderson_memory, "an int in [0, 50]", lambda v: 0 <= v <= 50)
+        _check_int("parallel_threshold", self.parallel_threshold, "an int >= 1", lambda v: v >= 1)
         if self.method is not None and self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name in ("tol", "xtol", "singular_tol"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v >= 0):
-                raise ValueError(f"{name} must be a non-negative number, got {v!r}")
-        if not (isinstance(self.max_iter, int) and self.max_iter >= 0):
-            raise ValueError(f"max_iter must be a non-negative int, got {self.max_iter!r}")
-        if not (isinstance(self.anderson_memory, int) and 0 <= self.anderson_memory <= 50):
-            raise ValueError(f"anderson_memory must be an int in [0, 50], got {self.anderson_memory!r}")
+            raise InputError(f"solver option method must be None or one of {METHODS}, got {self.method!r}")
+        if self.on_failure not in FAILURE_POLICIES:
+            raise InputError(f"solver option on_failure must be one of {FAILURE_POLICIES}, got {self.on_failure!r}")
+        if not isinstance(self.warm_start, bool):
+            raise InputError(f"solver option warm_start must be True or False, got {self.warm_start!r}")
 
     def replace(self, **changes) -> SolverOptions:
         names = {f.name for f in fields(self)}
@@ -70,3 +88,14 @@ class SolverOptions:
         if unknown:
             raise TypeError(f"unknown solver option(s) {sorted(unknown)}; valid: {sorted(names)}")
         return replace(self, **changes)
+
+
+def _check_float(name, value, valid, ok):
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(float(value)) or not ok(float(value))):
+        raise InputError(f"solver option {name} must be {valid}, got {value!r}")
+
+
+def _check_int(name, value, valid, ok):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not ok(int(value)):
+        raise InputError(f"solver option {name} must be {valid}, got {value!r}")

@@ -50,8 +50,11 @@ _MESSAGES = {
         "try another initial guess y0"
     ),
     Status.NONFINITE: (
-        "a parameter, the initial guess or the residual at it is NaN or inf; "
-        "check the inputs of this sample"
+        "NaN or inf: either a parameter or the initial guess of this sample is NaN or inf, "
+        "or, with finite inputs, the residual or dF/dy evaluated to NaN or inf at the initial "
+        "guess, at an iterate or at every trial step (overflow, or a domain error such as the "
+        "log of a negative number or a division by zero); check the inputs, or start nearer "
+        "the solution"
     ),
     Status.LINE_SEARCH_FAILED: (
         "the line search could not reduce ||F||^2 (a local minimum of the residual "
@@ -59,8 +62,11 @@ _MESSAGES = {
         "optimization problem, no KKT point is reachable, e.g. an unbounded objective)"
     ),
     Status.SINGULAR_AT_SOLUTION: (
-        "converged to a point where dF/dy is singular, so the implicit gradient "
-        "dy/dtheta does not exist there (a degenerate root)"
+        "the residual vanishes here but dF/dy is singular or numerically singular (its "
+        "equilibrated condition number exceeds 1/singular_tol, or Newton converged only "
+        "linearly, as at a double root), so the root is degenerate and the implicit gradient "
+        "dy/dtheta does not exist or is not determined; if the solution is much smaller than 1 "
+        "in magnitude, start from a y0 of its magnitude (the step test is absolute below |y0|)"
     ),
     Status.INFEASIBLE: "the constraints could not be satisfied (the problem looks infeasible)",
     Status.UNBOUNDED: "the objective decreased without bound (the problem looks unbounded)",

@@ -21,24 +21,25 @@ and ``|rho - 1| <= 0.1`` sets ``delta = 2 ||D s||``. The step is accepted when
 ``rho >= 1e-4``. A singular (or numerically useless) Jacobian at an iterate still
 gives the Cauchy step.
 
-Stopping, as :func:`implicit_compiler.runtime.newton.newton_one`: converged when
-``||F||_inf <= ftol`` and the Newton step ``||d||_inf <= xtol (1 + ||y||_inf)``;
-the final Newton step is applied and the factorisation of ``J(y_k)`` is left in
-``J``/``piv`` for the backward pass, and the point is classified by
-:func:`~implicit_compiler.runtime.newton.check_solution`. Every trial step (accepted
-or not: each one evaluates ``F`` once) counts as an iteration against ``max_iter``.
-The iteration stalls (status ``LINE_SEARCH_FAILED``, a local minimum of ``||F||``
-that is not a root) after ``TR_MAX_SLOW`` trials in a row that reduce ``||F||^2``
-by less than 0.1 % (a step cut by the region and accepted with ``rho >= 0.5`` does
-not count: the region grows then), or when the trust region has shrunk below rounding relative to
-``||D y||``; a stall with ``||F||_inf <= ftol`` is classified like a converged point.
+Stopping, as :func:`implicit_compiler.runtime.newton.newton_one`: converged when every
+``|F_i| <= max(ftol, rtol S_i)`` and the Newton step ``||d||_inf <= xtol (s0 + ||y||_inf)``;
+the final Newton step is applied, F and dF/dy are evaluated and factored again there (the
+factorisation the backward pass reuses), and the point is classified by
+:func:`~implicit_compiler.runtime.newton.solution_status` (equilibrated condition test).
+Every trial step (accepted or not: each one evaluates ``F`` once) counts as an iteration
+against ``max_iter``. The iteration stalls (status ``LINE_SEARCH_FAILED``, a local minimum
+of ``||F||`` that is not a root) after ``TR_MAX_SLOW`` trials in a row that reduce
+``||F||^2`` by less than 0.1 % (a step cut by the region and accepted with ``rho >= 0.5``
+does not count: the region grows then), or when the trust region has shrunk below rounding
+relative to ``||D y||``; a stall where the residual test holds but the Newton step is not
+below ``xtol`` is ``SINGULAR_AT_SOLUTION`` (the root is not determined to ``xtol``), as in Newton.
 """
 
 import numpy as np
 from numba import njit
 
 from . import status as st
-from .newton import all_finite, check_solution, factor_checked, inf_norm
+from .newton import all_finite, factor_checked, inf_norm, reevaluate, residual_ok, solution_status, step_floor
 
 TR_FACTOR = 100.0  # initial trust radius, relative to ||D y0|| (hybrj's ``factor``)
 TR_ACCEPT = 1e-4  # accept a step when actual / predicted reduction >= this
@@ -163,14 +164,17 @@ def tr_dogleg(n, have_newton, d, qnorm, u, gnorm, sgnorm, bnorm, delta, s):
 
 
 @njit(cache=True, inline="always")
-def trust_region_one(n, m, residual, residual_jacobian, factor, factor_dense, solve, jac_params_absmax,
-                     y0, p, ftol, xtol, max_iter, singular_tol,
-                     y, J, piv, Jc, F, d, u, s, yt, Ft, w, diag, info):
+def trust_region_one(n, m, residual, residual_jacobian, residual_scale, factor, factor_dense, solve,
+                     solve_transpose, y0, p, ftol, rtol, xtol, max_iter, singular_tol,
+                     y, J, piv, Jc, F, d, u, s, yt, Ft, w, diag, W, info):
     """Solve one sample. Writes ``y``, the factorisation in ``J``/``piv``, and
     ``info = (iterations, ||F||_inf)``; returns the status code.
 
     ``Jc`` holds dF/dy unfactored (for the gradient, the model and the scaling);
-    it must be zero outside the positions ``residual_jacobian`` writes.
+    it must be zero outside the positions ``residual_jacobian`` writes. ``W``: (3, n) scratch.
+    The convergence tests, the final step and the classification of the point are
+    newton_one's (:func:`~implicit_compiler.runtime.newton.residual_ok`,
+    :func:`~implicit_compiler.runtime.newton.solution_status`).
     """
     info[0] = 0.0
     info[1] = np.inf
@@ -178,6 +182,8 @@ def trust_region_one(n, m, residual, residual_jacobian, factor, factor_dense, so
         y[i] = y0[i]
     if not all_finite(m, p) or not all_finite(n, y0):
         return st.NONFINITE
+    S = W[0]
+    s0 = step_floor(n, y0)
     residual_jacobian(y, p, F, Jc)
     fnorm = inf_norm(n, F)
     info[1] = fnorm
@@ -206,18 +212,33 @@ def trust_region_one(n, m, residual, residual_jacobian, factor, factor_dense, so
                     J[i, j] = Jc[i, j]
             min_pivot = factor_checked(n, residual_jacobian, factor, factor_dense, y, p, F, J, piv)
             have_newton = min_pivot > 0.0
-            if not have_newton and fnorm <= ftol:
-                return st.SINGULAR_AT_SOLUTION
+            if not have_newton:
+                if fnorm <= ftol:
+                    return st.SINGULAR_AT_SOLUTION
+                residual_scale(y, p, S)
+                if residual_ok(n, F, S, ftol, rtol):
+                    return st.SINGULAR_AT_SOLUTION
             if have_newton:
                 for i in range(n):
                     d[i] = -F[i]
                 solve(J, piv, d)
-                if fnorm <= ftol and inf_norm(n, d) <= xtol * (1.0 + inf_norm(n, y)):
-                    # As newton_one: take the final Newton step; J/piv keep the
-                    # factorisation at y_k, a distance <= xtol away.
+                step = inf_norm(n, d)
+                xs = xtol * (s0 + inf_norm(n, y))
+                res_ok = fnorm <= ftol
+                if step <= xs and not res_ok:
+                    residual_scale(y, p, S)
+                    res_ok = residual_ok(n, F, S, ftol, rtol)
+                if step <= xs and res_ok:
+                    # As newton_one: take the final Newton step, evaluate and factor
+                    # dF/dy there again, and classify the point.
                     for i in range(n):
                         y[i] += d[i]
-                    return check_solution(n, min_pivot, J, jac_params_absmax(y, p), singular_tol)
+                    reevaluate(n, residual_jacobian, y, p, F, J, piv)
+                    info[1] = inf_norm(n, F)
+                    if not np.isfinite(info[1]):
+                        return st.NONFINITE
+                    return solution_status(n, residual_jacobian, factor, factor_dense, solve, solve_transpose,
+                                           y, p, F, J, piv, singular_tol, W[1], W[2], yt, Ft)
                 qnorm = tr_scaled_norm2(n, diag, d, w)
                 # A pivot that is positive but tiny can give an overflowing step: use Cauchy then.
                 have_newton = np.isfinite(qnorm) and qnorm > 0.0
@@ -278,7 +299,12 @@ def trust_region_one(n, m, residual, residual_jacobian, factor, factor_dense, so
         elif 0.1 * max(0.1 * delta, pnorm) <= TR_EPS * tr_scaled_norm2(n, diag, y, w):
             break
     # Stalled: no trial step reduces ||F||^2 any more.
-    if fnorm <= ftol and have_newton:
-        # At the floating-point floor (as newton_one): classify the point as converged or singular.
-        return check_solution(n, min_pivot, J, jac_params_absmax(y, p), singular_tol)
+    res_ok = fnorm <= ftol
+    if not res_ok:
+        residual_scale(y, p, S)
+        res_ok = residual_ok(n, F, S, ftol, rtol)
+    if res_ok:
+        # As newton_one: F is zero to rounding but the Newton step is not below xtol, so
+        # the root is not determined to xtol (degenerate, or too ill-conditioned).
+        return st.SINGULAR_AT_SOLUTION
     return st.LINE_SEARCH_FAILED
