@@ -589,5 +589,6 @@ def _header(d, layout, key) -> str:
               "                                              sparse_lu_solve_transpose)",
               "from implicit_compiler.runtime.status import (CONVERGED, LINE_SEARCH_FAILED, MAX_ITERATIONS, NONFINITE,",
               "                                              SINGULAR_AT_SOLUTION, SINGULAR_JACOBIAN)",
-              "from implicit_compiler.runtime.newton import ARMIJO_C, LINEAR_RATE, MIN_STEP, nan_max, newton_one"]
+              "from implicit_compiler.runtime.newton import ARMIJO_C, LINEAR_RATE, MIN_STEP, nan_max, newton_one",
+              "from implicit_compiler.runtime.trust_region import trust_region_one"]
     return "\n".join(lines) + "\n"
