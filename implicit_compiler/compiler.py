@@ -94,8 +94,9 @@ def compile_problem(problem, *, cache_dir=None, verbose: bool = False, warmup: b
     ``warn_weakly_active``: warn when a call meets one (``layer.solve`` reports them always).
     """
     from .codegen.emit_problem import emit_problem_module
-    from .torch.problem_layer import ProblemLayer
+    from .torch.problem_layer import ProblemLayer, check_problem_options
 
+    check_problem_options(options)
     opts = SolverOptions(**options)
     report = {}
     t0 = time.perf_counter()

@@ -62,6 +62,8 @@ class NumbaPrinter(PythonCodePrinter):
         base, exp = expr.args
         if exp.is_Integer and abs(int(exp)) <= 64:
             b = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Pow"])
+            if int(exp) < 0:  # Numba's x**-k raises ZeroDivisionError at 0 whatever the error model
+                return f"(1.0/{b}**{-int(exp)})"
             return f"{b}**{int(exp)}"
         if exp == sp.S.Half:
             return f"math.sqrt({self._print(base)})"
