@@ -104,8 +104,9 @@ def compile_problem(problem, *, cache_dir=None, verbose: bool = False, warmup: b
     ``warn_weakly_active``: warn when a call meets one (``layer.solve`` reports them always).
     """
     from .codegen.emit_problem import emit_problem_module
-    from .torch.problem_layer import ProblemLayer
+    from .torch.problem_layer import ProblemLayer, check_problem_options
 
+    check_problem_options(options)
     opts = SolverOptions(**options)
     report = {}
     t0 = time.perf_counter()
@@ -125,11 +126,16 @@ def compile_problem(problem, *, cache_dir=None, verbose: bool = False, warmup: b
         need = np.ones(len(layer.layout["param_groups"]), dtype=np.bool_)
         P = np.zeros((1, k.m))
         serial = opts.replace(max_iter=0, parallel_threshold=2)
-        if forward is None:
-            res = k.solve(P, np.zeros((1, k.nv)), serial)
-        else:
-            # compile the KKT check/factorisation the custom forward's results go through
-            res = k.finalize(np.zeros((1, k.n)), P, serial)
-        k.vjp(res, np.zeros((1, k.n)), need, 2)
+
+        def run():
+            if forward is None:
+                res = k.solve(P, np.zeros((1, k.nv)), serial)
+            else:
+                # compile the KKT check/factorisation the custom forward's results go through
+                res = k.finalize(np.zeros((1, k.n)), P, serial)
+            k.vjp(res, np.zeros((1, k.n)), need, 2)
+
+        # the serial range kernels and the prange drivers large batches run (as warm())
+        k.warm_up(run)
     report["total_seconds"] = time.perf_counter() - t0
     return layer

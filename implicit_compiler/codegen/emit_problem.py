@@ -5,6 +5,8 @@ factorisations: the backward pass) plus, for the interior-point forward:
 
 * ``ip_eval(y, p, gradf, h, Jh, g, Jg)``: ∇f, the constraints and their
   Jacobians, one joint CSE;
+* ``ip_obj(y, p)``: the objective value f (minimised), for the interior point's
+  penalty-barrier merit;
 * ``ip_hess(y, lam, nu, p, H)``: ∇²_y L, symmetric, from its lower triangle;
 * batched drivers calling :func:`implicit_compiler.runtime.interior_point.ip_one`.
 """
@@ -17,6 +19,10 @@ import numpy as np
 import sympy as sp
 
 from .emit import INDENT, cse_lines, emit_module
+
+# Arithmetic faults (1/0, log(0), 0/0) give inf/NaN, which the solver reports per sample
+# as NONFINITE, instead of a ZeroDivisionError for the whole batch.
+DECORATOR = "@njit(cache=True, inline='always', error_model='numpy')"
 
 
 def _zero_lines(pattern: np.ndarray, name: str, rows: int, cols: int) -> list[str]:
@@ -67,7 +73,7 @@ def problem_sections(problem) -> list[list[str]]:
         for i, j, _ in entries:
             body.append(f"{INDENT}{name}[{i}, {j}] = {outs[k]}")
             k += 1
-    ev = ["@njit(cache=True, inline='always')", "def ip_eval(y, p, gradf, h, Jh, g, Jg):", *(body or [f"{INDENT}pass"])]
+    ev = [DECORATOR, "def ip_eval(y, p, gradf, h, Jh, g, Jg):", *(body or [f"{INDENT}pass"])]
 
     hmap = dict(base)
     hmap.update({s: f"lam[{i}]" for i, s in enumerate(problem.lam)})
@@ -82,8 +88,10 @@ def problem_sections(problem) -> list[list[str]]:
         hb.append(f"{INDENT}H[{i}, {j}] = {o}")
         if i != j:
             hb.append(f"{INDENT}H[{j}, {i}] = H[{i}, {j}]")
-    hs = ["@njit(cache=True, inline='always')", "def ip_hess(y, lam, nu, p, H):", *(hb or [f"{INDENT}pass"])]
-    return [ev, hs]
+    hs = [DECORATOR, "def ip_hess(y, lam, nu, p, H):", *(hb or [f"{INDENT}pass"])]
+    lines, outs = cse_lines([problem.f], base)
+    ob = [DECORATOR, "def ip_obj(y, p):", *lines, f"{INDENT}return {outs[0]}"]
+    return [ev, ob, hs]
 
 
 def emit_problem_module(problem, layout: dict, key: str) -> str:
@@ -92,7 +100,8 @@ def emit_problem_module(problem, layout: dict, key: str) -> str:
     n, q, r = problem.n_variables, len(problem.equalities), len(problem.inequalities)
     extra = [
         "# ---------------------------------------------------------------- optimization problem",
-        "from implicit_compiler.runtime.interior_point import ip_one, kkt_finalize  # noqa: E402",
+        "from implicit_compiler.runtime.interior_point import (  # noqa: E402\n"
+        "    ip_one, kkt_error, kkt_finalize, problem_scaling,\n)",
         "from implicit_compiler.runtime.status import NONFINITE  # noqa: E402",
         "",
         f"NV = {n}\nNQ = {q}\nNR = {r}",

@@ -52,16 +52,26 @@ class ProblemKernels(Kernels):
 
     def finalize(self, Z: np.ndarray, P: np.ndarray, options: SolverOptions) -> SolveResult:
         """Check a KKT point ``Z = (y, λ, ν)`` computed elsewhere, polish it, and factor the
-        KKT system there; a point that does not satisfy the KKT conditions gets ``NOT_OPTIMAL``."""
+        KKT system there.
+
+        The point is judged as given: ``NOT_OPTIMAL`` when its relative KKT error (measured as
+        the interior point measures its own) exceeds ``kkt_tol``, or when the polishing Newton
+        step would move ``y`` by more than ``sqrt(kkt_tol) (1 + |y|)`` (it may remove rounding
+        errors, never replace the point by another one); ``NOT_A_MINIMUM`` when it is a KKT
+        point that fails the second-order condition (a maximum or saddle point)."""
         P = _kernel_array(P)
         Z = np.array(Z, dtype=np.float64, order="C")
+        given = Z[:, :self.nv].copy()
         B = P.shape[0]
         _, LU, PIV, STATUS, INFO = self._alloc(B)
         weak_tol = self.weak_tol if self.weak_tol is not None else 10.0 * np.sqrt(options.tol)
         args = (Z, P, float(weak_tol), float(options.singular_tol), LU, PIV, STATUS, INFO)
         self._run("kkt_finalize", B, args, options.parallel_threshold)
-        bad = (STATUS == st.CONVERGED) & ~(INFO[:, 1] <= self.kkt_tol * (1.0 + np.abs(Z).max(axis=1)))
+        moved = np.abs(Z[:, :self.nv] - given).max(axis=1, initial=0.0)
+        far = ~(moved <= np.sqrt(self.kkt_tol) * (1.0 + np.abs(given).max(axis=1, initial=0.0)))
+        bad = (STATUS != st.NONFINITE) & (~(INFO[:, 1] <= self.kkt_tol) | far)
         STATUS[bad] = st.NOT_OPTIMAL
+        Z[bad, :self.nv] = given[bad]
         res = SolveResult(Z, STATUS, INFO[:, 0].astype(np.int64), INFO[:, 1], P, LU, PIV)
         res.weakly_active = INFO[:, 2].astype(np.int64)
         return res

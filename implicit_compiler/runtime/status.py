@@ -19,6 +19,7 @@ SINGULAR_AT_SOLUTION = 5
 INFEASIBLE = 6
 UNBOUNDED = 7
 NOT_OPTIMAL = 8
+NOT_A_MINIMUM = 9
 
 
 class Status(enum.IntEnum):
@@ -33,6 +34,7 @@ class Status(enum.IntEnum):
     INFEASIBLE = INFEASIBLE
     UNBOUNDED = UNBOUNDED
     NOT_OPTIMAL = NOT_OPTIMAL
+    NOT_A_MINIMUM = NOT_A_MINIMUM
 
     @property
     def message(self) -> str:
@@ -73,6 +75,13 @@ _MESSAGES = {
     Status.NOT_OPTIMAL: (
         "the point returned by the custom forward does not satisfy the KKT conditions "
         "(stationarity or feasibility residual above tolerance); check that it solves the problem"
+    ),
+    Status.NOT_A_MINIMUM: (
+        "the point satisfies the KKT conditions but is not a minimum (a maximum or a saddle "
+        "point): the Hessian of the Lagrangian has a direction of negative curvature along the "
+        "active constraints (for maximize=True: of positive curvature), so the second-order "
+        "condition fails; the objective may have no minimum here (add bounds), or start from "
+        "another initial guess y0 (for a custom forward: check that it returns a minimiser)"
     ),
 }
 

@@ -19,6 +19,20 @@ from .module import ImplicitLayer
 from .shapes import to_numpy
 
 
+def check_problem_options(options: dict) -> None:
+    """Reject solver options that do not apply to an optimization layer (instead of ignoring them)."""
+    method = options.get("method")
+    if method is not None:
+        raise InputError(
+            f"method={method!r} does not apply to an optimization problem: its forward pass is the generated "
+            f"interior point (or the forward= callable); remove the method option (fixed-point methods solve "
+            f"residual systems and fixed points)"
+        )
+    if "anderson_memory" in options:
+        raise InputError("anderson_memory does not apply to an optimization problem (it has no fixed-point "
+                         "iteration); remove the option")
+
+
 class ProblemLayer(ImplicitLayer):
     """``y*(θ) = argmin_y f(y, θ)`` s.t. ``h = 0``, ``g <= 0`` as a differentiable layer.
 
@@ -39,6 +53,10 @@ class ProblemLayer(ImplicitLayer):
         self._default_y0 = self._default_y0[:nv]
         self.return_multipliers = return_multipliers
         self.warn_weakly_active = warn_weakly_active
+
+    def configure(self, **options) -> ProblemLayer:
+        check_problem_options(options)
+        return super().configure(**options)
 
     def extra_repr(self) -> str:
         ins = ", ".join(f"{g['name']}{tuple(g['shape'])}" for g in self._param_groups)
@@ -66,12 +84,31 @@ class ProblemLayer(ImplicitLayer):
                 return np.ascontiguousarray(last[0][:, :nv])
             return np.tile(self._default_y0, (B, 1))
         if isinstance(y0, dict):
+            names = [g["name"] for g in self._variable_groups]
+            unknown = sorted(set(y0) - set(names), key=str)
+            if unknown:
+                hint = (" (the multipliers lam/nu are not given a start: the interior point starts them itself)"
+                        if set(unknown) & {"lam", "nu"} else "")
+                raise InputError(
+                    f"y0 names unknown variable group(s) {unknown}; the problem's variable groups are "
+                    f"{names}{hint}"
+                )
             Y0 = np.tile(self._default_y0, (B, 1))
             for g in self._variable_groups:
                 if g["name"] in y0:
                     a = to_numpy(y0[g["name"]]).astype(np.float64)
                     size = len(g["symbols"])
-                    Y0[:, g["offset"]:g["offset"] + size] = a.reshape(-1, size)
+                    shape = tuple(g["shape"])
+                    if a.size == size:
+                        Y0[:, g["offset"]:g["offset"] + size] = a.reshape(1, size)
+                    elif a.size == B * size and a.shape[0] == B:
+                        Y0[:, g["offset"]:g["offset"] + size] = a.reshape(B, size)
+                    else:
+                        raise InputError(
+                            f"y0[{g['name']!r}] has shape {tuple(a.shape)}; variable group {g['name']!r} has "
+                            f"shape {shape}, so y0[{g['name']!r}] must have shape {shape} (shared by the batch) "
+                            f"or {(B, *shape)} (one start per sample)"
+                        )
             return Y0
         a = to_numpy(y0).astype(np.float64)
         if a.shape == (nv,):

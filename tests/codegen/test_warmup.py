@@ -87,3 +87,26 @@ def test_fixed_point_layer_warm_for_its_method(fixed_point, method):
     y = res.y[:, 0]
     assert res.converged.all()
     np.testing.assert_allclose(y, np.cos(y) * x[:, 0], rtol=1e-9, atol=1e-10)
+
+
+def test_problem_layer_warm_for_large_batches():
+    """Problem layers warm their prange drivers too: a first large batch compiles nothing."""
+    y, t = sp.symbols("y t")
+    problem = ic.Problem((y - t) ** 2 / 2, variables=[y], params=[t], inequalities=[y <= 1], name="warm_box")
+    layer = ic.compile(problem)
+    mod = layer.kernels.module
+    names = ["ip_range", "ip_batch_parallel", "vjp_range", "vjp_batch_parallel"]
+    counts = _compiled(mod, names)
+    assert all(c == 1 for c in counts.values()), counts
+    B = 5000
+    ts = torch.linspace(-2.0, 3.0, B, dtype=torch.float64).requires_grad_()
+    with no_compilation():
+        out = layer(ts.reshape(B, 1))
+        out.sum().backward()
+    want = np.minimum(ts.detach().numpy(), 1.0)  # projection onto y <= 1
+    np.testing.assert_allclose(out.detach().numpy().reshape(-1), want, rtol=1e-9, atol=1e-9)
+    # dy/dt = 1 strictly inside, 0 where the bound is strictly active
+    g = ts.grad.numpy()
+    inside, active = ts.detach().numpy() < 0.99, ts.detach().numpy() > 1.01
+    np.testing.assert_allclose(g[inside], 1.0, atol=1e-8)
+    np.testing.assert_allclose(g[active], 0.0, atol=1e-8)

@@ -1,11 +1,15 @@
-"""QP layers against qpth (OptNet) and cvxpylayers: solutions and gradients of every parameter group."""
+"""QP layers against an exact active-set reference (to 1e-10), with qpth (OptNet) and cvxpylayers
+as a second opinion: solutions and gradients of every parameter group."""
 
 import numpy as np
 import pytest
+import qpth.qp
 import sympy as sp
 import torch
 
 import implicit_compiler as ic
+
+from .qp_reference import qp_vjp, solve_qp
 
 N, NI, NE = 4, 6, 1
 
@@ -46,14 +50,13 @@ def _expand(arrs, B):
 
 
 def test_qp_matches_qpth_solution_and_gradients(qp_layer):
-    qpth = pytest.importorskip("qpth.qp")
     B = 6
     Q, q, G, h, A, b = _instance(B)
     ours = _expand([Q], B) + [torch.tensor(q, requires_grad=True)] + _expand([G, h, A, b], B)
     theirs = [t.detach().clone().requires_grad_() for t in ours]
     y, info = qp_layer(*ours, return_info=True)
     assert info.converged.all()
-    y_ref = qpth.QPFunction(verbose=-1, eps=1e-12, maxIter=50)(*theirs)
+    y_ref = qpth.qp.QPFunction(verbose=-1, eps=1e-12, maxIter=50)(*theirs)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-6)
     # some inequalities active, some inactive
     slack = h[None] - q[:, :0].sum(1, keepdims=True) - (y.detach().numpy() @ G.T)
@@ -125,3 +128,65 @@ def test_multipliers_as_outputs():
     torch.testing.assert_close(nu[:, 0], torch.tensor([4.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-8)
     nu.sum().backward()
     torch.testing.assert_close(ts.grad[:, 0], torch.tensor([2.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-8)
+
+
+def _random_qp(rng, b_value=0.05):
+    L = rng.standard_normal((N, N))
+    Q = L @ L.T + 0.5 * np.eye(N) + 0.3 * rng.standard_normal((N, N))  # not symmetric: only (Q + Q^T)/2 counts
+    while np.linalg.eigvalsh((Q + Q.T) / 2).min() < 0.3:
+        Q = Q + 0.5 * np.eye(N)
+    q = rng.standard_normal(N) * 2
+    G = rng.standard_normal((NI, N))
+    h = rng.uniform(0.1, 1.0, NI)
+    A = rng.standard_normal((NE, N))
+    b = np.array([b_value])
+    return Q, q, G, h, A, b
+
+
+def test_active_set_reference_agrees_with_finite_differences():
+    # the reference's own derivative formulas, checked once by central differences of its solution
+    rng = np.random.default_rng(11)
+    Q, q, G, h, A, b = _random_qp(rng)
+    ybar = rng.standard_normal(N)
+    y, grads = qp_vjp(Q, q, G, h, A, b, ybar)
+    assert grads["margin"] > 1e-3 and len(grads["active"]) > 0
+    params = dict(Q=Q, q=q, G=G, h=h, A=A, b=b)
+    for name, val in params.items():
+        fd = np.zeros_like(val)
+        for idx in np.ndindex(val.shape):
+            hi = {k: v.copy() for k, v in params.items()}
+            lo = {k: v.copy() for k, v in params.items()}
+            hi[name][idx] += 1e-6
+            lo[name][idx] -= 1e-6
+            fd[idx] = ybar @ (solve_qp(**hi)[0] - solve_qp(**lo)[0]) / 2e-6
+        np.testing.assert_allclose(grads[name], fd, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_qp_matches_exact_active_set_reference(qp_layer):
+    """Several random QPs (one equality, six inequalities, some active): the solution and the
+    gradients of all six parameter groups agree with the exact reference to 1e-10."""
+    rng = np.random.default_rng(5)
+    names = ["Q", "q", "G", "h", "A", "b"]
+    cases = []
+    while len(cases) < 6:
+        inst = _random_qp(rng, b_value=rng.uniform(-0.3, 0.3))
+        ybar = rng.standard_normal(N)
+        y_ref, g_ref = qp_vjp(*inst, ybar)
+        if g_ref["margin"] > 1e-4:  # strict complementarity: the derivative exists
+            cases.append((inst, ybar, y_ref, g_ref))
+    assert sum(len(c[3]["active"]) > 0 for c in cases) >= 3  # most have active inequalities
+    assert any(len(c[3]["active"]) == 0 for c in cases) or any(len(c[3]["active"]) >= 2 for c in cases)
+    # one batched call: every group per sample
+    ts = [torch.tensor(np.stack([c[0][k] for c in cases]), requires_grad=True) for k in range(6)]
+    y, info = qp_layer(*ts, return_info=True)
+    assert info.converged.all()
+    np.testing.assert_allclose(y.detach().numpy(), np.stack([c[2] for c in cases]), rtol=0, atol=1e-10)
+    w = torch.tensor(np.stack([c[1] for c in cases]))
+    (y * w).sum().backward()
+    for k, name in enumerate(names):
+        ref = np.stack([c[3][name] for c in cases])
+        got = ts[k].grad.numpy()
+        if name == "Q":  # only the symmetric part of Q enters the problem
+            got = (got + got.transpose(0, 2, 1)) / 2
+        scale = 1.0 + np.abs(ref).max()
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-10 * scale, err_msg=f"gradient of {name}")
