@@ -39,7 +39,16 @@ import numpy as np
 from numba import njit
 
 from . import status as st
-from .newton import all_finite, factor_checked, inf_norm, reevaluate, residual_ok, solution_status, step_floor
+from .newton import (
+    LINEAR_RATE,
+    all_finite,
+    factor_checked,
+    inf_norm,
+    reevaluate,
+    residual_ok,
+    solution_status,
+    step_floor,
+)
 
 TR_FACTOR = 100.0  # initial trust radius, relative to ||D y0|| (hybrj's ``factor``)
 TR_ACCEPT = 1e-4  # accept a step when actual / predicted reduction >= this
@@ -204,6 +213,8 @@ def trust_region_one(n, m, residual, residual_jacobian, residual_scale, factor, 
     sgnorm = 0.0
     bnorm = 0.0
     need_factor = True
+    prev = 0.0  # length of the last accepted step if it was the full Newton step, else 0
+    full = False
     while True:
         if need_factor:
             need_factor = False
@@ -230,15 +241,20 @@ def trust_region_one(n, m, residual, residual_jacobian, residual_scale, factor, 
                     res_ok = residual_ok(n, F, S, ftol, rtol)
                 if step <= xs and res_ok:
                     # As newton_one: take the final Newton step, evaluate and factor
-                    # dF/dy there again, and classify the point.
+                    # dF/dy there again, and classify the point; Newton steps that shrank
+                    # only linearly mean a degenerate root (see newton.LINEAR_RATE).
+                    linear = prev > 0.0 and step > LINEAR_RATE * prev
                     for i in range(n):
                         y[i] += d[i]
                     reevaluate(n, residual_jacobian, y, p, F, J, piv)
                     info[1] = inf_norm(n, F)
                     if not np.isfinite(info[1]):
                         return st.NONFINITE
-                    return solution_status(n, residual_jacobian, factor, factor_dense, solve, solve_transpose,
-                                           y, p, F, J, piv, singular_tol, W[1], W[2], yt, Ft)
+                    status = solution_status(n, residual_jacobian, factor, factor_dense, solve, solve_transpose,
+                                             y, p, F, J, piv, singular_tol, W[1], W[2], yt, Ft)
+                    if status == st.CONVERGED and linear:
+                        return st.SINGULAR_AT_SOLUTION
+                    return status
                 qnorm = tr_scaled_norm2(n, diag, d, w)
                 # A pivot that is positive but tiny can give an overflowing step: use Cauchy then.
                 have_newton = np.isfinite(qnorm) and qnorm > 0.0
@@ -251,6 +267,7 @@ def trust_region_one(n, m, residual, residual_jacobian, residual_scale, factor, 
             return st.MAX_ITERATIONS
         if nslow >= TR_MAX_SLOW:
             break
+        full = have_newton and qnorm <= delta  # the dogleg takes the whole Newton step
         tr_dogleg(n, have_newton, d, qnorm, u, gnorm, sgnorm, bnorm, delta, s)
         pnorm = tr_scaled_norm2(n, diag, s, w)
         for i in range(n):
@@ -289,6 +306,7 @@ def trust_region_one(n, m, residual, residual_jacobian, residual_scale, factor, 
             nslow += 1
         if ratio >= TR_ACCEPT and all_finite(n, Ft):
             first = False
+            prev = inf_norm(n, s) if full else 0.0
             for i in range(n):
                 y[i] = yt[i]
             residual_jacobian(y, p, F, Jc)
