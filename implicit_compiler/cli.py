@@ -176,7 +176,7 @@ def _cmd_compile(args) -> int:
         raise UsageError(f"-o {out}: the output must be a .py file")
     options = _parse_options(args.set)
     try:
-        SolverOptions(**options)
+        SolverOptions.from_kwargs(**options)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"bad solver option: {exc}") from None
     obj = load_target(args.target)

@@ -41,7 +41,7 @@ def compile(system, *, cache_dir=None, verbose: bool = False, warmup: bool = Tru
     """
     if getattr(system, "kind", None) == "problem":
         return compile_problem(system, cache_dir=cache_dir, verbose=verbose, warmup=warmup, **options)
-    opts = SolverOptions(**options)
+    opts = SolverOptions.from_kwargs(**options)
     report = {}
     t0 = time.perf_counter()
 
@@ -107,7 +107,7 @@ def compile_problem(problem, *, cache_dir=None, verbose: bool = False, warmup: b
     from .torch.problem_layer import ProblemLayer, check_problem_options
 
     check_problem_options(options)
-    opts = SolverOptions(**options)
+    opts = SolverOptions.from_kwargs(**options)
     report = {}
     t0 = time.perf_counter()
 

@@ -82,12 +82,29 @@ class SolverOptions:
         if not isinstance(self.warm_start, bool):
             raise InputError(f"solver option warm_start must be True or False, got {self.warm_start!r}")
 
+    @classmethod
+    def from_kwargs(cls, **options) -> SolverOptions:
+        """``SolverOptions(**options)``, with an :class:`InputError` naming any unknown option."""
+        check_names(options)
+        return cls(**options)
+
     def replace(self, **changes) -> SolverOptions:
-        names = {f.name for f in fields(self)}
-        unknown = set(changes) - names
-        if unknown:
-            raise TypeError(f"unknown solver option(s) {sorted(unknown)}; valid: {sorted(names)}")
+        check_names(changes)
         return replace(self, **changes)
+
+
+def check_names(options) -> None:
+    """Raise :class:`InputError` for keys of ``options`` that are not solver options."""
+    names = [f.name for f in fields(SolverOptions)]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        import difflib
+
+        hints = []
+        for u in unknown:
+            close = difflib.get_close_matches(u, names, n=1)
+            hints.append(f"{u!r} (did you mean {close[0]!r}?)" if close else repr(u))
+        raise InputError(f"unknown solver option(s) {', '.join(hints)}; the solver options are {names}")
 
 
 def _check_float(name, value, valid, ok):

@@ -21,6 +21,7 @@ from implicit_compiler.runtime.linalg import (
     lu_solve,
     lu_solve_transpose,
 )
+from tests.conftest import appendix_system
 
 XC = math.sqrt(2 + math.sqrt(3))  # appendix system: y2* = 0 and det dF/dy = 0 there
 
@@ -319,6 +320,18 @@ def test_invalid_options_name_the_option(appendix_layer, name, value, valid):
     assert str(err.value).endswith(f"got {value!r}")
     with pytest.raises(ValueError, match=f"solver option {name}"):
         appendix_layer.configure(**{name: value})
+    assert appendix_layer.options.tol == 1e-10  # the layer keeps its options
+
+
+def test_unknown_option_names_are_an_input_error(appendix_layer):
+    # a misspelt option must not be dropped or leak a dataclass TypeError
+    with pytest.raises(InputError, match=r"unknown solver option\(s\) 'max_iters' \(did you mean 'max_iter'\?\)"):
+        ic.compile(appendix_system(), max_iters=10)
+    with pytest.raises(InputError, match=r"unknown solver option\(s\) 'colour'"):
+        appendix_layer.configure(colour="red")
+    y, t = sp.symbols("y t")
+    with pytest.raises(InputError, match=r"'tolerance'"):
+        ic.compile(ic.Problem((y - t) ** 2, variables=[y], params=[t]), tolerance=1e-3)
     assert appendix_layer.options.tol == 1e-10  # the layer keeps its options
 
 
