@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import status as st
+from . import threads
 from .options import SolverOptions
 
 
@@ -177,8 +178,9 @@ class Kernels:
             threaded = B >= max(parallel_threshold, self.UNMEASURED_PARALLEL_BATCH)
         else:
             threaded = B >= parallel_threshold and B * cost >= self.MIN_PARALLEL_SECONDS
-        if threaded:
+        if threaded and threads.parallel_allowed():
             getattr(self.module, kind + "_batch_parallel")(*args)
+            threads.note_started()
             return
         t0 = time.perf_counter()
         getattr(self.module, kind + "_range")(0, B, *args)
