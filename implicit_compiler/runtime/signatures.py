@@ -1,0 +1,45 @@
+"""The calling convention between the runtime drivers and a system's generated kernels.
+
+The drivers (Newton, trust region, fixed point, VJP, interior point, and their
+``prange`` wrappers) are plain runtime functions, compiled once per installation
+and cached with the package. A system's generated module contributes only its
+expression kernels, each compiled once with one of the signatures below; a driver
+receives them as first-class functions (:class:`numba.types.FunctionType`), so no
+driver is compiled again for a new system and no kernel is compiled twice.
+
+Every kernel takes, as its last argument, ``tab``: the module's flat ``int64`` table
+of index families (one loop per family reads its rows from it; empty when the system
+has no family).
+
+Arrays are float64, C-contiguous; ``J`` is the dense ``(n, n)`` Jacobian (entries off
+the structural pattern are written as zero); ``need`` is one boolean flag per
+parameter group.
+"""
+
+from numba import types
+
+f1 = types.float64[::1]
+f2 = types.float64[:, ::1]
+f3 = types.float64[:, :, ::1]
+i1 = types.int64[::1]
+i2 = types.int64[:, ::1]
+b1 = types.boolean[::1]
+s1 = types.int8[::1]
+
+# residual(y, p, F, tab): F = F(y, p)
+RESIDUAL = types.void(f1, f1, f1, i1)
+# residual_jacobian(y, p, F, J, tab): F and the dense dF/dy
+JACOBIAN = types.void(f1, f1, f1, f2, i1)
+# residual_scale(y, p, S, tab): S_i = sum_j |dF_i/dy_j| |y_j|
+SCALE = types.void(f1, f1, f1, i1)
+# jac_params_absmax(y, p, tab) -> max |dF/dtheta|
+PARAMS_ABSMAX = types.float64(f1, f1, i1)
+# vjp_params(y, p, v, need, out, tab): out[c] = -sum_i v_i dF_i/dtheta_c for the needed groups
+VJP_PARAMS = types.void(f1, f1, f1, b1, f1, i1)
+# jvp_params(y, p, pdot, out, tab): out_i = sum_c dF_i/dtheta_c pdot_c
+JVP_PARAMS = types.void(f1, f1, f1, f1, i1)
+
+
+def fn(sig):
+    """The first-class function type of kernels with signature ``sig``."""
+    return types.FunctionType(sig)
