@@ -6,7 +6,7 @@ import sys
 import time
 
 from .codegen import cache
-from .codegen.emit import emit_module
+from .codegen.emit import module_source
 from .runtime.options import SolverOptions
 from .torch.module import ImplicitLayer
 
@@ -52,7 +52,7 @@ def compile(system, *, cache_dir=None, verbose: bool = False, warmup: bool = Tru
         report["derive_seconds"] = time.perf_counter() - t
         _progress(verbose, f"generating code ({deriv.factorization} factorisation)")
         t = time.perf_counter()
-        src = emit_module(deriv, system.layout(), key)
+        src = module_source(deriv, system.layout(), key)
         report["codegen_seconds"] = time.perf_counter() - t
         return src
 

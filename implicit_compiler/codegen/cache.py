@@ -162,7 +162,6 @@ def toolchain_hash() -> str:
     h.update(f"{__version__}|{sympy.__version__}|{numba.__version__}|{sys.version_info[:2]}".encode())
     here = Path(__file__).resolve().parent
     files = sorted((here.parent / "runtime").glob("*.py")) + sorted(here.glob("*.py"))
-    files += sorted((here / "templates").glob("*.txt"))
     for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())

@@ -4,7 +4,6 @@ The module holds, for that system only:
 
 * ``residual(y, p, F)`` and ``residual_jacobian(y, p, F, J)`` (one joint CSE for
   F and the structural non-zeros of dF/dy),
-* ``jac_params_absmax(y, p)`` (the scale of dF/dtheta, for the interior point's KKT check),
 * ``residual_scale(y, p, S)``: ``S_i = sum_j |dF_i/dy_j| |y_j|``, the scale of the
   relative residual test (see :mod:`implicit_compiler.runtime.newton`),
 * ``vjp_params(y, p, v, need, out)``: ``out = -(dF/dtheta)^T v`` over the
@@ -19,14 +18,15 @@ The module holds, for that system only:
   emitted with scalar per-sample state, otherwise they call the generic per-sample
   solvers in :mod:`implicit_compiler.runtime` (the trust-region driver always does).
 
-Expression kernels are printed from SymPy with :class:`NumbaPrinter`; the
-drivers come from the text template in ``templates/drivers.py.txt``.
+Expression kernels are printed from SymPy with :class:`NumbaPrinter` and compiled
+once each, eagerly, for their signature in :mod:`implicit_compiler.runtime.signatures`;
+the solvers are the runtime drivers of :mod:`implicit_compiler.runtime.drivers`
+(compiled once per installation), bound to the module's kernels by small wrappers.
 """
 
 from __future__ import annotations
 
 import pprint
-from importlib import resources
 
 import numpy as np
 import sympy as sp
@@ -36,7 +36,13 @@ from ..errors import SystemDefinitionError
 from .printer import NumbaPrinter
 
 INDENT = "    "
-CHUNK = 64  # samples per prange work item in the optimisation-problem drivers
+CHUNK = 64  # samples per prange work item of the scalar-kernel drivers
+
+
+def _decorator(signature: str) -> str:
+    """Expression kernels are compiled once, eagerly, for their one signature
+    (:mod:`implicit_compiler.runtime.signatures`), and called through a function pointer."""
+    return f"@njit({signature}, cache=True, error_model='numpy')"
 
 
 def slot_map(unknowns, params) -> dict:
@@ -66,53 +72,107 @@ def cse_lines(exprs, base_map: dict, indent: str = INDENT, prefix: str = "t"):
     return lines, [pr.doprint(e) for e in reduced]
 
 
-def _kernel_residual(d, smap):
-    lines, outs = cse_lines(d.residuals, smap)
-    body = lines + [f"{INDENT}F[{i}] = {o}" for i, o in enumerate(outs)]
-    return ["@njit(cache=True, error_model='numpy', inline='always')", "def residual(y, p, F):", *body]
+class FamilyLoop:
+    """How one family is printed: a loop over the rows of its table in ``tab``.
+
+    Row ``r`` of the table (``width`` entries from ``tab[offset + r * width]``) holds the
+    member's residual index, then the flat position of the symbol in each slot; in the loop
+    those are the locals ``i``, ``s0``, ``s1``, ..., and ``smap`` prints the template's slot
+    symbols as ``y[s0]``, ``p[s1]``, ... ."""
+
+    def __init__(self, fd, tables: Tables, index: int):
+        f = fd.family
+        self.fd = fd
+        self.index = index
+        self.rows = f.size
+        self.width = 1 + len(f.slots)
+        rows = np.concatenate([np.asarray(f.members, dtype=np.int64)[:, None], f.table], axis=1)
+        cols = ", ".join(f"s{k}" for k in range(len(f.slots)))
+        self.offset, _ = tables.add(f"family {index}: {f.size} residuals, rows (i, {cols})", rows)
+        self.smap = {s: (f"y[s{k}]" if kind == "unknown" else f"p[s{k}]")
+                     for k, (s, kind) in enumerate(zip(f.slots, f.slot_kinds))}
+
+    def head(self, indent: str = INDENT) -> list[str]:
+        f = self.fd.family
+        i1 = indent + INDENT
+        out = [f"{indent}# family {self.index}: {self.rows} residuals F[i] = {self.fd.residual}",
+               f"{indent}for r in range({self.rows}):",
+               f"{i1}k = {self.offset} + {self.width} * r",
+               f"{i1}i = tab[k]"]
+        out += [f"{i1}s{k} = tab[k + {k + 1}]" for k in range(len(f.slots))]
+        return out
+
+    def slot_target(self, k: int) -> str:
+        return f"s{k}"
 
 
-def _kernel_residual_jacobian(d, smap):
-    exprs = list(d.residuals) + [e for _, _, e in d.jac_y]
+def _loops(d, tables) -> list[FamilyLoop]:
+    if tables is None:
+        return []
+    cached = getattr(tables, "_loops", None)
+    if cached is None:
+        cached = tables._loops = [FamilyLoop(fd, tables, g) for g, fd in enumerate(d.families)]
+    return cached
+
+
+def _kernel_residual(d, smap, tables=None):
+    rows = d.single_rows if d.families else range(d.n)
+    lines, outs = cse_lines([d.residuals[i] for i in rows], smap)
+    body = lines + [f"{INDENT}F[{i}] = {o}" for i, o in zip(rows, outs)]
+    for lp in _loops(d, tables):
+        lines, outs = cse_lines([lp.fd.residual], lp.smap, indent=INDENT * 2)
+        body += lp.head() + lines + [f"{INDENT * 2}F[i] = {outs[0]}"]
+    return [_decorator("RESIDUAL"), "def residual(y, p, F, tab):", *(body or [f"{INDENT}pass"])]
+
+
+def _kernel_residual_jacobian(d, smap, tables=None):
+    rows = list(d.single_rows) if d.families else list(range(d.n))
+    jac = d.jac_y_single if d.families else d.jac_y
+    exprs = [d.residuals[i] for i in rows] + [e for _, _, e in jac]
     lines, outs = cse_lines(exprs, smap)
     n = d.n
-    body = list(lines)
-    body += [f"{INDENT}F[{i}] = {o}" for i, o in enumerate(outs[:n])]
+    body = []
     if d.factorization == "dense":
         pattern = d.pattern_unknowns
         if n <= 12:
-            body += [f"{INDENT}J[{i}, {j}] = 0.0" for i, j in np.argwhere(~pattern)]
+            zero = [f"{INDENT}J[{i}, {j}] = 0.0" for i, j in np.argwhere(~pattern)]
         else:
-            body.insert(0, f"{INDENT}for i in range(N):\n{INDENT * 2}for j in range(N):\n{INDENT * 3}J[i, j] = 0.0")
+            zero = [f"{INDENT}for a in range(N):", f"{INDENT * 2}for b in range(N):", f"{INDENT * 3}J[a, b] = 0.0"]
     else:
         # Positions that elimination fills in must start at zero; the rest are never read.
-        pattern = d.pattern_unknowns
-        fill_only = np.argwhere(d.fill & ~pattern)
-        body += [f"{INDENT}J[{i}, {j}] = 0.0" for i, j in fill_only]
-    body += [f"{INDENT}J[{i}, {j}] = {o}" for (i, j, _), o in zip(d.jac_y, outs[n:])]
-    return ["@njit(cache=True, error_model='numpy', inline='always')", "def residual_jacobian(y, p, F, J):", *body]
+        fill_only = np.argwhere(d.fill & ~d.pattern_unknowns)
+        if len(fill_only) <= 64:
+            zero = [f"{INDENT}J[{i}, {j}] = 0.0" for i, j in fill_only]
+        else:
+            a, b = tables.add("fill-in positions (i, j) that start at zero", fill_only)
+            zero = [f"{INDENT}for q in range({a}, {b}, 2):", f"{INDENT * 2}J[tab[q], tab[q + 1]] = 0.0"]
+    body = zero + list(lines)
+    body += [f"{INDENT}F[{i}] = {o}" for i, o in zip(rows, outs[:len(rows)])]
+    body += [f"{INDENT}J[{i}, {j}] = {o}" for (i, j, _), o in zip(jac, outs[len(rows):])]
+    for lp in _loops(d, tables):
+        dy = lp.fd.d_unknowns
+        lines, outs = cse_lines([lp.fd.residual] + [e for _, e in dy], lp.smap, indent=INDENT * 2)
+        body += lp.head() + lines + [f"{INDENT * 2}F[i] = {outs[0]}"]
+        body += [f"{INDENT * 2}J[i, s{k}] = {o}" for (k, _), o in zip(dy, outs[1:])]
+    return [_decorator("JACOBIAN"), "def residual_jacobian(y, p, F, J, tab):", *body]
 
 
-def _kernel_jac_params_absmax(d, smap):
-    head = ["@njit(cache=True, error_model='numpy', inline='always')", "def jac_params_absmax(y, p):"]
-    if not d.jac_p:
-        return head + [f"{INDENT}return 0.0"]
-    lines, outs = cse_lines([e for _, _, e in d.jac_p], smap)
-    body = list(lines) + [f"{INDENT}m = 0.0"]
-    for o in outs:
-        body.append(f"{INDENT}m = max(m, abs({o}))")
-    return head + body + [f"{INDENT}return m"]
-
-
-def _kernel_residual_scale(d, smap):
+def _kernel_residual_scale(d, smap, tables=None):
     """``S[i] = sum_j |dF_i/dy_j| |y_j|`` over the structural non-zeros of dF/dy."""
-    head = ["@njit(cache=True, error_model='numpy', inline='always')", "def residual_scale(y, p, S):"]
-    lines, outs = cse_lines([e for _, _, e in d.jac_y], smap)
-    rows: dict[int, list[str]] = {i: [] for i in range(d.n)}
-    for (i, j, _), o in zip(d.jac_y, outs):
+    head = [_decorator("SCALE"), "def residual_scale(y, p, S, tab):"]
+    jac = d.jac_y_single if d.families else d.jac_y
+    rows_of = list(d.single_rows) if d.families else list(range(d.n))
+    lines, outs = cse_lines([e for _, _, e in jac], smap)
+    rows: dict[int, list[str]] = {i: [] for i in rows_of}
+    for (i, j, _), o in zip(jac, outs):
         rows[i].append(f"abs({o}) * abs(y[{j}])")
     body = list(lines) + [f"{INDENT}S[{i}] = {' + '.join(t) if t else '0.0'}" for i, t in rows.items()]
-    return head + body
+    for lp in _loops(d, tables):
+        dy = lp.fd.d_unknowns
+        lines, outs = cse_lines([e for _, e in dy], lp.smap, indent=INDENT * 2)
+        terms = [f"abs({o}) * abs(y[s{k}])" for (k, _), o in zip(dy, outs)]
+        body += lp.head() + lines + [f"{INDENT * 2}S[i] = {' + '.join(terms) if terms else '0.0'}"]
+    return head + (body or [f"{INDENT}pass"])
 
 
 def _vjp_body(d, smap, param_groups, indent, v, out, prefix="t"):
@@ -136,12 +196,43 @@ def _vjp_body(d, smap, param_groups, indent, v, out, prefix="t"):
     return body
 
 
-def _kernel_vjp_params(d, smap, param_groups):
+def _kernel_vjp_params(d, smap, param_groups, tables=None):
     """``out[c] = -sum_i v[i] dF_i/dtheta_c`` for the columns of needed groups."""
-    body = _vjp_body(d, smap, param_groups, INDENT, lambda i: f"v[{i}]", lambda c: f"out[{c}]")
+    loops = [lp for lp in _loops(d, tables) if lp.fd.d_params]
+    if not loops:
+        body = _vjp_body(d, smap, param_groups, INDENT, lambda i: f"v[{i}]", lambda c: f"out[{c}]")
+    else:
+        # Families scatter-add into out: every needed column starts at zero.
+        body = []
+        for g, grp in enumerate(param_groups):
+            lo, hi = grp["offset"], grp["offset"] + len(grp["symbols"])
+            body += [f"{INDENT}if need[{g}]:  # parameter group {grp['name']!r}",
+                     f"{INDENT * 2}for c in range({lo}, {hi}):", f"{INDENT * 3}out[c] = 0.0"]
+        group_of = {}
+        for g, grp in enumerate(param_groups):
+            for c in range(grp["offset"], grp["offset"] + len(grp["symbols"])):
+                group_of[c] = g
+        by_group: dict[int, list] = {}
+        for i, c, e in d.jac_p_single:
+            by_group.setdefault(group_of[c], []).append((i, c, e))
+        for g, entries in sorted(by_group.items()):
+            lines, outs = cse_lines([e for *_, e in entries], smap, indent=INDENT * 2)
+            body += [f"{INDENT}if need[{g}]:"] + lines
+            body += [f"{INDENT * 2}out[{c}] -= v[{i}] * ({o})" for (i, c, _), o in zip(entries, outs)]
+        names = [grp["name"] for grp in param_groups]
+        offsets = [(grp["offset"], grp["offset"] + len(grp["symbols"])) for grp in param_groups]
+        for lp in loops:
+            f = lp.fd.family
+            dp = lp.fd.d_params
+            lines, outs = cse_lines([e for _, e in dp], lp.smap, indent=INDENT * 2)
+            body += lp.head() + lines
+            for (k, _), o in zip(dp, outs):
+                g = names.index(f.slot_groups[k]) if f.slot_groups[k] in names else \
+                    next(g for g, (a, b) in enumerate(offsets) if a <= f.table[0, k] < b)
+                body += [f"{INDENT * 2}if need[{g}]:", f"{INDENT * 3}out[s{k}] -= v[i] * ({o})"]
     if not body:
         body = [f"{INDENT}pass"]
-    return ["@njit(cache=True, error_model='numpy', inline='always')", "def vjp_params(y, p, v, need, out):", *body]
+    return [_decorator("VJP_PARAMS"), "def vjp_params(y, p, v, need, out, tab):", *body]
 
 
 def _compressed(mask: np.ndarray, by_rows: bool):
@@ -158,41 +249,42 @@ def _int_array(name: str, values) -> str:
     return f"{name} = np.array([{body}], dtype=np.int64)"
 
 
-def _kernels_factor_sparse_loops(d, pivot_threshold: float):
-    """Elimination over the fill pattern by index arrays (large systems: compiles in constant time)."""
+def _kernels_factor_sparse_loops(d, pivot_threshold: float, tables: Tables):
+    """Elimination over the fill pattern by index arrays (large systems: compiles in constant time).
+
+    The kernels are the runtime's ``pattern_factor`` / ``pattern_solve`` /
+    ``pattern_solve_transpose`` (:mod:`implicit_compiler.runtime.drivers`), compiled once
+    for every module; the compressed rows / columns of L and U are slices of ``tab``,
+    located by its first ``PATTERN_HEADER`` entries (which must therefore come first)."""
+    if tables.size:
+        raise ValueError("the sparse elimination header must be the first table of a module")
     fill = d.fill
     lower = np.tril(fill, -1)
     upper = np.triu(fill, 1)
-    arrays = {
-        "_LCOL": _compressed(lower, by_rows=False),  # below the diagonal, by column
-        "_LROW": _compressed(lower, by_rows=True),
-        "_UROW": _compressed(upper, by_rows=True),   # right of the diagonal, by row
-        "_UCOL": _compressed(upper, by_rows=False),
-    }
-    out = ["# Fill pattern of the fixed-order elimination (compressed rows / columns of L and U)."]
-    for name, (ptr, idx) in arrays.items():
-        out += [_int_array(f"{name}_PTR", ptr), _int_array(f"{name}_IDX", idx)]
-    out += [
-        "", "",
-        "@njit(cache=True, error_model='numpy', inline='always')", "def factor(J, piv):",
-        f"{INDENT}return sparse_lu_factor(N, J, piv, _LCOL_PTR, _LCOL_IDX, _UROW_PTR, _UROW_IDX, {pivot_threshold!r})",
-        "", "",
-        "@njit(cache=True, error_model='numpy', inline='always')", "def _solve_sparse(J, b):",
-        f"{INDENT}sparse_lu_solve(N, J, b, _LROW_PTR, _LROW_IDX, _UROW_PTR, _UROW_IDX)",
-        "", "",
-        "@njit(cache=True, error_model='numpy', inline='always')", "def _solve_transpose_sparse(J, b):",
-        f"{INDENT}sparse_lu_solve_transpose(N, J, b, _LCOL_PTR, _LCOL_IDX, _UCOL_PTR, _UCOL_IDX)",
-    ]
-    return out
+    header = np.zeros(17, dtype=np.int64)
+    tables.add("sparse elimination: (start, stop) of LCOL, LROW, UROW, UCOL (pointers, indices), "
+               "pivot threshold / 1e-9", header)
+    arrays = (("LCOL", lower, False), ("LROW", lower, True), ("UROW", upper, True), ("UCOL", upper, False))
+    q = 0
+    for name, mask, by_rows in arrays:
+        ptr, idx = _compressed(mask, by_rows=by_rows)
+        header[q:q + 2] = tables.add(f"{name} pointers", ptr)
+        header[q + 2:q + 4] = tables.add(f"{name} indices", idx)
+        q += 4
+    header[16] = int(round(pivot_threshold * 1e9))
+    tables.parts[0] = (tables.parts[0][0], 0, header)
+    return ["_fn_factor = _driver('pattern_factor')",
+            "_fn_solve = _driver('pattern_solve')",
+            "_fn_solve_transpose = _driver('pattern_solve_transpose')"]
 
 
-def _kernels_factor_sparse(d, pivot_threshold: float):
+def _kernels_factor_sparse(d, pivot_threshold: float, tables: Tables):
     """Straight-line elimination over the fill pattern in the natural order."""
     fill = d.fill
     n = d.n
     if n >= SPARSE_LOOPS_MIN_N:
-        return _kernels_factor_sparse_loops(d, pivot_threshold)
-    f = ["@njit(cache=True, error_model='numpy', inline='always')", "def factor(J, piv):",
+        return _kernels_factor_sparse_loops(d, pivot_threshold, tables)
+    f = [_decorator("FACTOR"), "def factor(J, piv, tab):",
          f"{INDENT}piv[{n}] = 0", f"{INDENT}minp = math.inf"]
     for k in range(n):
         below = [int(i) for i in np.flatnonzero(fill[k + 1:, k]) + k + 1]
@@ -215,7 +307,7 @@ def _kernels_factor_sparse(d, pivot_threshold: float):
                     f.append(f"{INDENT}J[{i}, {j}] -= J[{i}, {k}] * J[{k}, {j}]")
     f.append(f"{INDENT}return minp")
 
-    s = ["@njit(cache=True, error_model='numpy', inline='always')", "def _solve_sparse(J, b):"]
+    s = ["@njit(cache=True, error_model='numpy', inline='always')", "def _solve_sparse(J, b, tab):"]
     for i in range(n):
         terms = [f" - J[{i}, {j}] * b[{j}]" for j in range(i) if fill[i, j]]
         if terms:
@@ -224,7 +316,7 @@ def _kernels_factor_sparse(d, pivot_threshold: float):
         terms = [f" - J[{i}, {j}] * b[{j}]" for j in range(i + 1, n) if fill[i, j]]
         s.append(f"{INDENT}b[{i}] = (b[{i}]{''.join(terms)}) / J[{i}, {i}]")
 
-    t = ["@njit(cache=True, error_model='numpy', inline='always')", "def _solve_transpose_sparse(J, b):"]
+    t = ["@njit(cache=True, error_model='numpy', inline='always')", "def _solve_transpose_sparse(J, b, tab):"]
     for i in range(n):
         terms = [f" - J[{j}, {i}] * b[{j}]" for j in range(i) if fill[j, i]]
         t.append(f"{INDENT}b[{i}] = (b[{i}]{''.join(terms)}) / J[{i}, {i}]")
@@ -439,7 +531,7 @@ def _kernels_scalar(d, param_groups):
     # a_i_j are first assigned in _scalar_res_jac before the loop; minp/piv_k before it too.
 
     r = ["@njit(cache=True, error_model='numpy', nogil=True)",
-         "def newton_range(lo, hi, Y0, P, ftol, rtol, xtol, max_iter, singular_tol, Y, LU, PIV, STATUS, INFO):",
+         "def newton_range(lo, hi, Y0, P, ftol, rtol, xtol, max_iter, singular_tol, Y, LU, PIV, STATUS, INFO, tab):",
          f"{I1}# Samples lo..hi-1 on the calling thread, all per-sample state in scalars.",
          f"{I1}sy = 1 if Y0.shape[0] > 1 else 0  # Y0 is (B, n), or (1, n) shared by all samples",
          f"{I1}for b in range(lo, hi):",
@@ -447,7 +539,7 @@ def _kernels_scalar(d, param_groups):
          f"{I2}                           Y, LU, PIV, INFO)"]
 
     v = ["@njit(cache=True, error_model='numpy', nogil=True)",
-         "def vjp_range(lo, hi, Y, P, LU, PIV, STATUS, YBAR, need, PBAR):",
+         "def vjp_range(lo, hi, Y, P, LU, PIV, STATUS, YBAR, need, PBAR, tab):",
          f"{I1}# PBAR[b] = -(dF/dtheta)^T (dF/dy)^{{-T}} YBAR[b] at the solution, for converged samples.",
          f"{I1}for b in range(lo, hi):",
          f"{I2}if STATUS[b] != 0:",
@@ -462,51 +554,151 @@ def _kernels_scalar(d, param_groups):
     return f + [""] + r + [""] + v
 
 
-def _kernels_factor_wrappers(kind: str):
-    """``piv[N]`` records which factorisation is stored in ``J``: 0 sparse, 1 dense."""
-    dense = [
-        "@njit(cache=True, error_model='numpy', inline='always')",
-        "def factor_dense(J, piv):",
-        f"{INDENT}piv[N] = 1",
-        f"{INDENT}return lu_factor(N, J, piv)",
-    ]
+def _kernels_factor_wrappers(kind: str, n: int):
+    """``factor_dense`` / ``solve`` / ``solve_transpose`` (and ``factor`` for a dense system).
+
+    ``piv[N]`` records which factorisation is stored in ``J``: 0 sparse, 1 dense. Up to
+    ``INLINE_MAX_N`` unknowns the dense LU is specialised to ``N``; above, it runs with a
+    run-time size (fully unrolled it grows into thousands of instructions for no gain)."""
+    if n > INLINE_MAX_N:
+        out = ["_fn_factor_dense = _driver('dense_factor')"]
+        if kind == "dense":
+            out += ["_fn_factor = _fn_factor_dense", "_fn_solve = _driver('dense_solve')",
+                    "_fn_solve_transpose = _driver('dense_solve_transpose')"]
+        return out
+    size = "N"
+    dense = [_decorator("FACTOR"), "def factor_dense(J, piv, tab):",
+             f"{INDENT}piv[N] = 1", f"{INDENT}return lu_factor({size}, J, piv)"]
     if kind == "dense":
         return dense + [
             "", "factor = factor_dense", "",
-            "@njit(cache=True, error_model='numpy', inline='always')",
-            "def solve(J, piv, b):",
-            f"{INDENT}lu_solve(N, J, piv, b)", "",
-            "@njit(cache=True, error_model='numpy', inline='always')",
-            "def solve_transpose(J, piv, b):",
-            f"{INDENT}lu_solve_transpose(N, J, piv, b)",
+            _decorator("SOLVE"), "def solve(J, piv, b, tab):", f"{INDENT}lu_solve({size}, J, piv, b)", "",
+            _decorator("SOLVE"), "def solve_transpose(J, piv, b, tab):",
+            f"{INDENT}lu_solve_transpose({size}, J, piv, b)",
         ]
     return dense + [
         "",
-        "@njit(cache=True, error_model='numpy', inline='always')",
-        "def solve(J, piv, b):",
-        f"{INDENT}if piv[N] == 1:",
-        f"{INDENT * 2}lu_solve(N, J, piv, b)",
-        f"{INDENT}else:",
-        f"{INDENT * 2}_solve_sparse(J, b)", "",
-        "@njit(cache=True, error_model='numpy', inline='always')",
-        "def solve_transpose(J, piv, b):",
-        f"{INDENT}if piv[N] == 1:",
-        f"{INDENT * 2}lu_solve_transpose(N, J, piv, b)",
-        f"{INDENT}else:",
-        f"{INDENT * 2}_solve_transpose_sparse(J, b)",
+        _decorator("SOLVE"), "def solve(J, piv, b, tab):",
+        f"{INDENT}if piv[N] == 1:", f"{INDENT * 2}lu_solve({size}, J, piv, b)",
+        f"{INDENT}else:", f"{INDENT * 2}_solve_sparse(J, b, tab)", "",
+        _decorator("SOLVE"), "def solve_transpose(J, piv, b, tab):",
+        f"{INDENT}if piv[N] == 1:", f"{INDENT * 2}lu_solve_transpose({size}, J, piv, b)",
+        f"{INDENT}else:", f"{INDENT * 2}_solve_transpose_sparse(J, b, tab)",
     ]
+
+
+# The runtime drivers each module binds its kernels to (runtime/drivers.py): name, kernels, arguments.
+_NEWTON_KERNELS = ("residual", "residual_jacobian", "residual_scale", "factor", "factor_dense", "solve",
+                   "solve_transpose")
+_NEWTON_ARGS = ("Y0", "P", "ftol", "rtol", "xtol", "max_iter", "singular_tol", "Y", "LU", "PIV", "STATUS", "INFO")
+DRIVERS = {
+    "newton": (_NEWTON_KERNELS, _NEWTON_ARGS),
+    "trust_region": (_NEWTON_KERNELS, _NEWTON_ARGS),
+    "fixed_point": (("residual", "residual_jacobian", "factor", "factor_dense", "solve", "solve_transpose"),
+                    ("Y0", "P", "ftol", "rtol", "max_iter", "singular_tol", "memory", "Y", "LU", "PIV", "STATUS",
+                     "INFO")),
+    "vjp": (("solve_transpose", "vjp_params"), ("Y", "P", "LU", "PIV", "STATUS", "YBAR", "need", "PBAR")),
+}
+
+
+KERNEL_SIGNATURES = {"residual": "RESIDUAL", "residual_jacobian": "JACOBIAN", "residual_scale": "SCALE",
+                     "factor": "FACTOR", "factor_dense": "FACTOR", "solve": "SOLVE", "solve_transpose": "SOLVE",
+                     "vjp_params": "VJP_PARAMS", "ip_eval": "IP_EVAL", "ip_obj": "IP_OBJ", "ip_hess": "IP_HESS"}
+
+
+def driver_bindings(drivers: dict, kinds, extra: tuple = (), bound: tuple = ()) -> list[str]:
+    """Small uncached wrappers that call the runtime drivers with this module's kernels.
+
+    ``<kind>_range(lo, hi, ...args, tab)`` and ``<kind>_batch_parallel(...args, tab)``. The
+    drivers and kernels are referred to by address (``_fn_<name>``), so a wrapper compiles
+    in milliseconds; it cannot be cached (it holds addresses) and is compiled per process.
+    ``bound``: kernels whose ``_fn_<name>`` the module already defines (runtime kernels)."""
+    out = []
+    kernels_used = []
+    for kind in kinds:
+        for k in drivers[kind][0]:
+            if k not in kernels_used:
+                kernels_used.append(k)
+    out += [f"_fn_{k} = _function({k}, {KERNEL_SIGNATURES[k]})" for k in kernels_used if k not in bound]
+    for kind in kinds:
+        kernels, args = drivers[kind]
+        for suffix, lead in (("_range", ("lo", "hi")), ("_batch_parallel", ())):
+            name = kind + suffix
+            params = ", ".join((*lead, *extra, *args, "tab"))
+            call = (*(f"_fn_{k}" for k in kernels), *lead, *extra, *args, "tab")
+            out += ["", "", f"_fn_{name} = _driver({name!r})", "", "",
+                    "@njit(error_model='numpy', nogil=True)", *_wrapped(f"def {name}(", params.split(", "), "):", ""),
+                    *_wrapped(f"_fn_{name}(", call, ")", INDENT)]
+    return out
+
+
+def _wrapped(head: str, items, tail: str, indent: str, width: int = 100) -> list[str]:
+    """``head item, item, ... tail`` broken into lines of at most ``width`` characters."""
+    lines, cur = [], indent + head
+    pad = " " * len(cur)
+    for k, item in enumerate(items):
+        piece = item + (", " if k < len(items) - 1 else "")
+        if len(cur) + len(piece.rstrip()) > width and cur.strip() != head.strip():
+            lines.append(cur.rstrip())
+            cur = pad
+        cur += piece
+    lines.append(cur + tail)
+    return lines
+
+
+class Tables:
+    """The module's integer tables (sparse patterns, index families), concatenated into
+    one ``int64`` array ``TABLES`` passed to every kernel as ``tab``; printed at the end
+    of the module as compressed base64 with a table of contents."""
+
+    def __init__(self):
+        self.parts: list[tuple[str, int, np.ndarray]] = []
+        self.size = 0
+
+    def add(self, name: str, values) -> tuple[int, int]:
+        a = np.ascontiguousarray(values, dtype=np.int64).ravel()
+        start = self.size
+        self.parts.append((name, start, a))
+        self.size += a.size
+        return start, self.size
+
+    def source(self) -> str:
+        import base64
+        import zlib
+
+        lines = ["# ---------------------------------------------------------------- tables",
+                 f"# TABLES: {self.size} int64 entries, passed to every kernel as ``tab``:"]
+        lines += [f"#   tab[{s}:{s + a.size}]  {name}" for name, s, a in self.parts]
+        if not self.parts:
+            lines.append("TABLES = np.zeros(0, dtype=np.int64)")
+            return "\n".join(lines) + "\n"
+        blob = np.concatenate([a for _, _, a in self.parts]).astype("<i8").tobytes()
+        text = base64.b64encode(zlib.compress(blob, 9)).decode("ascii")
+        lines.append("TABLES = _tables(")
+        lines += [f"    {text[i:i + 96]!r}" for i in range(0, len(text), 96)]
+        lines.append(f"    , {self.size})")
+        return "\n".join(lines) + "\n"
 
 
 def check_printable(d, smap: dict) -> None:
     """Every residual and derivative entry prints as Numba code, else a
     :class:`SystemDefinitionError` naming the residual (or the derivative), the construct and the fix."""
-    items = [(f"residual {i} ({r})", r) for i, r in enumerate(d.residuals)]
-    items += [(f"the derivative of residual {i} with respect to {d.unknowns[j]} ({e})", e) for i, j, e in d.jac_y]
-    items += [(f"the derivative of residual {i} with respect to {d.params[j]} ({e})", e) for i, j, e in d.jac_p]
-    printer = NumbaPrinter(smap)
-    for where, e in items:
+    rows = d.single_rows if d.families else range(d.n)
+    jac_y = d.jac_y_single if d.families else d.jac_y
+    jac_p = d.jac_p_single if d.families else d.jac_p
+    items = [(f"residual {i} ({d.residuals[i]})", d.residuals[i], smap) for i in rows]
+    items += [(f"the derivative of residual {i} with respect to {d.unknowns[j]} ({e})", e, smap) for i, j, e in jac_y]
+    items += [(f"the derivative of residual {i} with respect to {d.params[j]} ({e})", e, smap) for i, j, e in jac_p]
+    for fd in d.families:
+        f = fd.family
+        first = f.members[0]
+        slot_map_ = {s: "y[0]" for s in f.slots}
+        items.append((f"residual {first} ({d.residuals[first]})", fd.residual, slot_map_))
+        items += [(f"the derivative of residual {first} with respect to {f.slots[k]} ({e})", e, slot_map_)
+                  for k, e in fd.d_unknowns + fd.d_params]
+    for where, e, names in items:
         try:
-            printer.doprint(e)
+            NumbaPrinter(names).doprint(e)
         except SystemDefinitionError as exc:
             raise SystemDefinitionError(f"{where}: {exc}") from None
         except (NotImplementedError, TypeError, ValueError) as exc:  # SymPy's printer errors
@@ -516,47 +708,73 @@ def check_printable(d, smap: dict) -> None:
             ) from None
 
 
-def emit_module(derivation, layout: dict, key: str, options: dict | None = None) -> str:
-    """The full source of the generated module."""
+_SCALAR_PARALLEL = """\
+@njit(cache=True, error_model='numpy', parallel=True)
+def newton_batch_parallel(Y0, P, ftol, rtol, xtol, max_iter, singular_tol, Y, LU, PIV, STATUS, INFO, tab):
+    B = Y.shape[0]
+    nchunks = (B + CHUNK - 1) // CHUNK
+    for c in prange(nchunks):
+        newton_range(c * CHUNK, min(B, (c + 1) * CHUNK), Y0, P, ftol, rtol, xtol, max_iter, singular_tol,
+                     Y, LU, PIV, STATUS, INFO, tab)
+
+
+@njit(cache=True, error_model='numpy', parallel=True)
+def vjp_batch_parallel(Y, P, LU, PIV, STATUS, YBAR, need, PBAR, tab):
+    B = Y.shape[0]
+    nchunks = (B + CHUNK - 1) // CHUNK
+    for c in prange(nchunks):
+        vjp_range(c * CHUNK, min(B, (c + 1) * CHUNK), Y, P, LU, PIV, STATUS, YBAR, need, PBAR, tab)
+"""
+
+
+def emit_module(derivation, layout: dict, key: str, options: dict | None = None,
+                tables: Tables | None = None) -> tuple[str, Tables]:
+    """The source of the generated module, without its tables section, and its tables
+    (to which a caller may add before printing them with :meth:`Tables.source`)."""
     opts = {"pivot_threshold": 0.1, **(options or {})}
     d = derivation
+    tables = tables if tables is not None else Tables()
     smap = slot_map(d.unknowns, d.params)
     check_printable(d, smap)
     out = [_header(d, layout, key)]
     out.append(f"N = {d.n}\nM = {d.m}\nCHUNK = {CHUNK}\nFACTORIZATION = {d.factorization!r}\n")
-    out.append("LAYOUT = " + pprint.pformat(layout, width=100, sort_dicts=False) + "\n")
+    out.append("LAYOUT = " + pprint.pformat(layout, width=100, sort_dicts=False, compact=True) + "\n")
+    # (first: the sparse elimination's header must be the module's first table)
+    factor = _kernels_factor_sparse(d, opts["pivot_threshold"], tables) if d.factorization == "sparse" else []
     sections = [
-        _kernel_residual(d, smap),
-        _kernel_residual_jacobian(d, smap),
-        _kernel_jac_params_absmax(d, smap),
-        _kernel_residual_scale(d, smap),
-        _kernel_vjp_params(d, smap, layout["param_groups"]),
+        _kernel_residual(d, smap, tables),
+        _kernel_residual_jacobian(d, smap, tables),
+        _kernel_residual_scale(d, smap, tables),
+        _kernel_vjp_params(d, smap, layout["param_groups"], tables),
     ]
-    if d.factorization == "sparse":
-        sections.append(_kernels_factor_sparse(d, opts["pivot_threshold"]))
-    sections.append(_kernels_factor_wrappers(d.factorization))
-    large = d.n > INLINE_MAX_N
-    for sec in sections:
-        text = "\n".join(sec) + "\n"
-        if large:
-            # Compile each building block once and call it: inlined, the Newton driver
-            # holds several copies of each (LLVM took a minute on a 50-unknown system).
-            # The dense fallback LU runs with a run-time size: fully specialised to N
-            # it unrolls into thousands of instructions for no measurable gain.
-            text = text.replace("inline='always'", "inline='never'")
-            for fn in ("lu_factor", "lu_solve", "lu_solve_transpose"):
-                text = text.replace(f"{fn}(N, J,", f"{fn}(J.shape[0], J,")
-        out.append(text)
-    templates = resources.files("implicit_compiler.codegen").joinpath("templates")
+    sections = [factor, _kernels_factor_wrappers(d.factorization, d.n)] + sections
+    out += ["\n".join(sec) + "\n" for sec in sections if sec]
+    bound = tuple(k for k in ("factor", "factor_dense", "solve", "solve_transpose")
+                  if any(line.startswith(f"_fn_{k} =") for sec in sections[:2] for line in sec))
     if use_scalar_kernels(d):
+        # Small dense systems: Newton and the VJP with the per-sample state in scalars.
         out.append("\n".join(_kernels_scalar(d, layout["param_groups"])) + "\n")
-        names = ["fixed_point_range"]
+        out.append(_SCALAR_PARALLEL)
+        kinds = ["fixed_point", "trust_region"]
     else:
-        names = ["newton_range", "vjp_range", "fixed_point_range"]
-    # The trust-region driver is generic for every size (the scalar kernels are Newton only).
-    for name in names + ["trust_region_range", "drivers"]:
-        out.append(templates.joinpath(f"{name}.py.txt").read_text())
-    return "\n\n".join(out).rstrip() + "\n"
+        kinds = ["newton", "vjp", "fixed_point", "trust_region"]
+    out.append("\n".join(driver_bindings(DRIVERS, kinds, bound=bound)).rstrip() + "\n")
+    out.append(_RESIDUAL_BATCH)
+    return "\n\n".join(out).rstrip() + "\n", tables
+
+
+_RESIDUAL_BATCH = """\
+@njit(cache=True, error_model='numpy')
+def residual_batch_serial(Y, P, OUT, tab):
+    for b in range(Y.shape[0]):
+        residual(Y[b], P[b], OUT[b], tab)
+"""
+
+
+def module_source(derivation, layout: dict, key: str, options: dict | None = None) -> str:
+    """The full source of a residual system's module."""
+    src, tables = emit_module(derivation, layout, key, options)
+    return src + "\n\n" + tables.source()
 
 
 def _header(d, layout, key) -> str:
@@ -569,26 +787,36 @@ def _header(d, layout, key) -> str:
         f"# Generated by implicit_compiler {__version__} (sympy {sp.__version__}, numba {numba.__version__}).",
         f"# Content hash: {key}",
         f"# System {layout['name']!r} ({layout['kind']}): {d.n} unknowns, {d.m} parameters,",
-        f"# dF/dy: {len(d.jac_y)} structural non-zeros of {d.n * d.n}, factorisation: {d.factorization};",
-        f"# dF/dtheta: {len(d.jac_p)} structural non-zeros of {d.n * d.m}.",
+        f"# dF/dy: {d.count('unknowns')} structural non-zeros of {d.n * d.n}, factorisation: {d.factorization};",
+        f"# dF/dtheta: {d.count('params')} structural non-zeros of {d.n * d.m}.",
         "#",
         "# Argument layout: y[j] is unknown j, p[j] is parameter j:",
     ]
-    for j, s in enumerate(d.unknowns):
-        lines.append(f"#   y[{j}] = {s}")
-    for j, s in enumerate(d.params):
-        lines.append(f"#   p[{j}] = {s}")
-    lines.append("# Residuals:")
-    for i, r in enumerate(d.residuals):
-        lines.append(comment(f"F[{i}] = {r}"))
+    for kind, syms in (("y", d.unknowns), ("p", d.params)):
+        if len(syms) <= 24:
+            lines += [f"#   {kind}[{j}] = {s}" for j, s in enumerate(syms)]
+        else:
+            lines += [f"#   {kind}[{j}] = {syms[j]}" for j in range(3)]
+            lines += [f"#   ... ({len(syms) - 6} more; LAYOUT lists them all)"]
+            lines += [f"#   {kind}[{j}] = {syms[j]}" for j in range(len(syms) - 3, len(syms))]
+    if d.families:
+        lines.append(f"# Residuals: {len(d.families)} families (one loop each, see the kernels), and")
+        lines.append(f"# {len(d.single_rows)} on their own:")
+        for i in d.single_rows:
+            lines.append(comment(f"F[{i}] = {d.residuals[i]}"))
+    else:
+        lines.append("# Residuals:")
+        for i, r in enumerate(d.residuals):
+            lines.append(comment(f"F[{i}] = {r}"))
     lines.append("#\n# Do not edit: this file is regenerated from the system when its hash changes.")
     lines += ["", "import math", "", "import numpy as np", "from numba import njit, prange", "",
-              "from implicit_compiler.runtime.fixed_point import fixed_point_one",
+              "from implicit_compiler.runtime.drivers import driver as _driver, function as _function",
               "from implicit_compiler.runtime.linalg import (lu_factor, lu_solve, lu_solve_transpose,",
               "                                              sparse_lu_factor, sparse_lu_solve,",
               "                                              sparse_lu_solve_transpose)",
               "from implicit_compiler.runtime.status import (CONVERGED, LINE_SEARCH_FAILED, MAX_ITERATIONS, NONFINITE,",
               "                                              SINGULAR_AT_SOLUTION, SINGULAR_JACOBIAN)",
-              "from implicit_compiler.runtime.newton import ARMIJO_C, LINEAR_RATE, MIN_STEP, nan_max, newton_one",
-              "from implicit_compiler.runtime.trust_region import trust_region_one"]
+              "from implicit_compiler.runtime.newton import ARMIJO_C, LINEAR_RATE, MIN_STEP, nan_max",
+              "from implicit_compiler.runtime.signatures import (FACTOR, JACOBIAN, RESIDUAL, SCALE, SOLVE, VJP_PARAMS,",
+              "                                                  decode_tables as _tables)"]
     return "\n".join(lines) + "\n"

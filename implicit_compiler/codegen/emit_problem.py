@@ -13,16 +13,16 @@ factorisations: the backward pass) plus, for the interior-point forward:
 
 from __future__ import annotations
 
-from importlib import resources
-
 import numpy as np
 import sympy as sp
 
-from .emit import INDENT, cse_lines, emit_module
+from .emit import INDENT, cse_lines, driver_bindings, emit_module
+
 
 # Arithmetic faults (1/0, log(0), 0/0) give inf/NaN, which the solver reports per sample
 # as NONFINITE, instead of a ZeroDivisionError for the whole batch.
-DECORATOR = "@njit(cache=True, inline='always', error_model='numpy')"
+def _decorator(signature: str) -> str:
+    return f"@njit({signature}, cache=True, error_model='numpy')"
 
 
 def _zero_lines(pattern: np.ndarray, name: str, rows: int, cols: int) -> list[str]:
@@ -73,7 +73,7 @@ def problem_sections(problem) -> list[list[str]]:
         for i, j, _ in entries:
             body.append(f"{INDENT}{name}[{i}, {j}] = {outs[k]}")
             k += 1
-    ev = [DECORATOR, "def ip_eval(y, p, gradf, h, Jh, g, Jg):", *(body or [f"{INDENT}pass"])]
+    ev = [_decorator("IP_EVAL"), "def ip_eval(y, p, gradf, h, Jh, g, Jg, tab):", *(body or [f"{INDENT}pass"])]
 
     hmap = dict(base)
     hmap.update({s: f"lam[{i}]" for i, s in enumerate(problem.lam)})
@@ -88,21 +88,37 @@ def problem_sections(problem) -> list[list[str]]:
         hb.append(f"{INDENT}H[{i}, {j}] = {o}")
         if i != j:
             hb.append(f"{INDENT}H[{j}, {i}] = H[{i}, {j}]")
-    hs = [DECORATOR, "def ip_hess(y, lam, nu, p, H):", *(hb or [f"{INDENT}pass"])]
+    hs = [_decorator("IP_HESS"), "def ip_hess(y, lam, nu, p, H, tab):", *(hb or [f"{INDENT}pass"])]
     lines, outs = cse_lines([problem.f], base)
-    ob = [DECORATOR, "def ip_obj(y, p):", *lines, f"{INDENT}return {outs[0]}"]
+    ob = [_decorator("IP_OBJ"), "def ip_obj(y, p, tab):", *lines, f"{INDENT}return {outs[0]}"]
     return [ev, ob, hs]
+
+
+# The interior-point drivers of runtime/drivers.py: kernels and arguments after (lo, hi, nq, nr).
+PROBLEM_DRIVERS = {
+    "ip": (("ip_eval", "ip_obj", "ip_hess", "residual", "residual_jacobian", "factor_dense"),
+           ("Y0", "P", "tol", "max_iter", "singular_tol", "weak_tol", "Z", "LU", "PIV", "STATUS", "INFO")),
+    "kkt_finalize": (("ip_eval", "ip_hess", "residual", "residual_jacobian", "factor_dense"),
+                     ("Z", "P", "weak_tol", "singular_tol", "LU", "PIV", "STATUS", "INFO")),
+}
+
+_EVAL_BATCH = """\
+_fn_ip_eval_batch = _driver('ip_eval_batch')
+
+
+@njit(error_model='numpy')
+def ip_eval_batch(Y, P, GRADF, H, JH, G, JG, tab):
+    _fn_ip_eval_batch(_fn_ip_eval, Y, P, GRADF, H, JH, G, JG, tab)
+"""
 
 
 def emit_problem_module(problem, layout: dict, key: str) -> str:
     system = problem.system
-    src = emit_module(system.derivation, layout, key)
+    src, tables = emit_module(system.derivation, layout, key)
     n, q, r = problem.n_variables, len(problem.equalities), len(problem.inequalities)
     extra = [
         "# ---------------------------------------------------------------- optimization problem",
-        "from implicit_compiler.runtime.interior_point import (  # noqa: E402\n"
-        "    ip_one, kkt_error, kkt_finalize, problem_scaling,\n)",
-        "from implicit_compiler.runtime.status import NONFINITE  # noqa: E402",
+        "from implicit_compiler.runtime.signatures import IP_EVAL, IP_HESS, IP_OBJ  # noqa: E402",
         "",
         f"NV = {n}\nNQ = {q}\nNR = {r}",
         "# objective (minimised): " + str(problem.f).replace("\n", " "),
@@ -114,6 +130,8 @@ def emit_problem_module(problem, layout: dict, key: str) -> str:
     parts = [src, "\n".join(extra) + "\n"]
     for sec in problem_sections(problem):
         parts.append("\n".join(sec) + "\n")
-    template = resources.files("implicit_compiler.codegen").joinpath("templates", "problem_drivers.py.txt").read_text()
-    parts.append(template)
+    parts.append("\n".join(driver_bindings(PROBLEM_DRIVERS, ["ip", "kkt_finalize"], extra=("nq", "nr"))).rstrip()
+                 + "\n")
+    parts.append(_EVAL_BATCH)
+    parts.append(tables.source())
     return "\n\n".join(parts).rstrip() + "\n"

@@ -8,11 +8,13 @@ generation, reports) works from these triples.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import sympy as sp
 
 from ..errors import StructuralSingularityError
+from .families import Family, find_families, system_slots
 from .sparsity import choose_factorization, pattern_matrix
 from .structure import maximum_matching
 
@@ -31,15 +33,48 @@ def sparse_jacobian(residuals, symbols) -> list[Entry]:
     return out
 
 
+@dataclass(frozen=True)
+class FamilyDerivative:
+    """A family of residuals (:class:`~implicit_compiler.derive.families.Family`) and the
+    derivatives of its template with respect to its slots, taken once for all members:
+    ``d_unknowns`` / ``d_params`` are ``(slot, expr)`` pairs, ``expr`` over the template's
+    slot symbols; member ``r`` has the entry ``∂F_{members[r]}/∂(symbol at table[r, slot])``."""
+
+    family: Family
+    d_unknowns: tuple[tuple[int, sp.Expr], ...]
+    d_params: tuple[tuple[int, sp.Expr], ...]
+    residual: sp.Expr  # the template as the user's residual (what the kernels print)
+
+    def entries(self, which: str) -> np.ndarray:
+        """``(i, j)`` of the structural non-zeros, one row per (member, derivative slot)."""
+        slots = [k for k, _ in (self.d_unknowns if which == "unknowns" else self.d_params)]
+        f = self.family
+        rows = np.repeat(np.asarray(f.members, dtype=np.int64), len(slots))
+        cols = f.table[:, slots].reshape(-1) if slots else np.zeros(0, dtype=np.int64)
+        return np.stack([rows, cols], axis=1) if slots else np.zeros((0, 2), dtype=np.int64)
+
+
+# Residuals repeated at least this often are derived and emitted as one family (a loop);
+# rarer shapes stay straight-line code.
+FAMILY_MIN_SIZE = 8
+
+
 @dataclass
 class Derivation:
-    """What the compiler derived from a system; the code generator's only input."""
+    """What the compiler derived from a system; the code generator's only input.
+
+    Residuals that belong to a family are derived through their template
+    (``families``); the others (``single_rows``) entry by entry (``jac_y_single``,
+    ``jac_p_single``). ``jac_y`` / ``jac_p`` list every entry (instantiated on first use,
+    for reports and small systems)."""
 
     residuals: tuple[sp.Expr, ...]
     unknowns: tuple[sp.Symbol, ...]
     params: tuple[sp.Symbol, ...]
-    jac_y: list[Entry]
-    jac_p: list[Entry]
+    jac_y_single: list[Entry]
+    jac_p_single: list[Entry]
+    families: tuple[FamilyDerivative, ...] = ()
+    single_rows: tuple[int, ...] = ()
     factorization: str = "dense"
     fill: np.ndarray | None = field(default=None, repr=False)
 
@@ -51,13 +86,50 @@ class Derivation:
     def m(self) -> int:
         return len(self.params)
 
+    def _instantiate(self, which: str) -> list[Entry]:
+        single = self.jac_y_single if which == "unknowns" else self.jac_p_single
+        if not self.families:
+            return list(single)
+        symbols = {("unknown", j): s for j, s in enumerate(self.unknowns)}
+        symbols.update({("param", j): s for j, s in enumerate(self.params)})
+        out = list(single)
+        for fd in self.families:
+            f = fd.family
+            for r, i in enumerate(f.members):
+                sub = {s: symbols[(k, int(p))] for s, k, p in zip(f.slots, f.slot_kinds, f.table[r])}
+                for k, e in (fd.d_unknowns if which == "unknowns" else fd.d_params):
+                    out.append((i, int(f.table[r, k]), e.xreplace(sub)))
+        out.sort(key=lambda t: (t[0], t[1]))
+        return out
+
+    @cached_property
+    def jac_y(self) -> list[Entry]:
+        return self._instantiate("unknowns")
+
+    @cached_property
+    def jac_p(self) -> list[Entry]:
+        return self._instantiate("params")
+
+    def _pattern(self, which: str, cols: int) -> np.ndarray:
+        single = self.jac_y_single if which == "unknowns" else self.jac_p_single
+        pat = pattern_matrix(single, (self.n, cols))
+        for fd in self.families:
+            ij = fd.entries(which)
+            pat[ij[:, 0], ij[:, 1]] = True
+        return pat
+
     @property
     def pattern_unknowns(self) -> np.ndarray:
-        return pattern_matrix(self.jac_y, (self.n, self.n))
+        return self._pattern("unknowns", self.n)
 
     @property
     def pattern_params(self) -> np.ndarray:
-        return pattern_matrix(self.jac_p, (self.n, self.m))
+        return self._pattern("params", self.m)
+
+    def count(self, which: str) -> int:
+        """Number of structural non-zeros of dF/dy (``"unknowns"``) or dF/dθ (``"params"``)."""
+        single = self.jac_y_single if which == "unknowns" else self.jac_p_single
+        return len(single) + sum(len(fd.entries(which)) for fd in self.families)
 
     def jacobian_unknowns_matrix(self) -> sp.Matrix:
         M = sp.zeros(self.n, self.n)
@@ -72,24 +144,50 @@ class Derivation:
         return M
 
 
-def derive(system) -> Derivation:
-    jac_y = sparse_jacobian(system.residuals, system.unknowns)
-    jac_p = sparse_jacobian(system.residuals, system.params)
-    pattern = pattern_matrix(jac_y, (system.n_unknowns, system.n_unknowns))
+def _slots(system) -> dict:
+    groups_u = getattr(system, "unknown_groups", None)
+    groups_p = getattr(system, "param_groups", None)
+    if groups_u is not None and groups_p is not None:
+        return system_slots(system)
+    # no groups: one group per kind
+    out = {s: ("unknown", "y", j) for j, s in enumerate(system.unknowns)}
+    out.update({s: ("param", "p", j) for j, s in enumerate(system.params)})
+    return out
+
+
+def derive(system, back=None, families: bool = True) -> Derivation:
+    """Derive ``system`` (residuals, unknowns, params; groups where it has them).
+
+    ``back`` maps every derived expression (e.g. from the real-argument view used for
+    differentiation back to SymPy's functions); ``families=False`` derives and emits every
+    residual on its own (the straight-line reference the family path is tested against)."""
+    back = back or (lambda e: e)
+    residuals = tuple(system.residuals)
+    n = len(residuals)
+    fams: list[Family] = []
+    single = list(range(n))
+    if families and n >= FAMILY_MIN_SIZE:
+        fams, single = find_families(residuals, _slots(system), min_size=FAMILY_MIN_SIZE)
+    single_res = [residuals[i] for i in single]
+    jac_y = [(single[i], j, back(e)) for i, j, e in sparse_jacobian(single_res, system.unknowns)]
+    jac_p = [(single[i], j, back(e)) for i, j, e in sparse_jacobian(single_res, system.params)]
+    fds = []
+    for f in fams:
+        dy, dp = [], []
+        for k, (s, kind) in enumerate(zip(f.slots, f.slot_kinds)):
+            e = sp.diff(f.template, s)
+            if e != 0:
+                (dy if kind == "unknown" else dp).append((k, back(e)))
+        fds.append(FamilyDerivative(family=f, d_unknowns=tuple(dy), d_params=tuple(dp), residual=back(f.template)))
+    d = Derivation(residuals=residuals, unknowns=tuple(system.unknowns), params=tuple(system.params),
+                   jac_y_single=jac_y, jac_p_single=jac_p, families=tuple(fds), single_rows=tuple(single))
+    pattern = d.pattern_unknowns
     # Structural rank of the true derivative pattern (a symbol can cancel in diff).
     inc = [set(np.flatnonzero(row)) for row in pattern]
-    if any(c < 0 for c in maximum_matching(inc, system.n_unknowns)):
+    if any(c < 0 for c in maximum_matching(inc, len(system.unknowns))):
         raise StructuralSingularityError(
             "dF/dy is structurally singular once derivatives are taken (a symbol cancels "
             "when differentiated); check the residuals for unknowns that enter only trivially"
         )
-    kind, fill = choose_factorization(pattern)
-    return Derivation(
-        residuals=tuple(system.residuals),
-        unknowns=tuple(system.unknowns),
-        params=tuple(system.params),
-        jac_y=jac_y,
-        jac_p=jac_p,
-        factorization=kind,
-        fill=fill,
-    )
+    d.factorization, d.fill = choose_factorization(pattern)
+    return d

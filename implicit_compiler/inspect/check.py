@@ -171,12 +171,12 @@ class _Compiled:
 
     def F(self, y, p):
         out = np.zeros(self.n)
-        self.mod.residual(y, p, out)
+        self.mod.residual(y, p, out, self.mod.TABLES)
         return out
 
     def Jy(self, y, p):
         J = np.zeros((self.n, self.n))
-        self.mod.residual_jacobian(y, p, np.zeros(self.n), J)
+        self.mod.residual_jacobian(y, p, np.zeros(self.n), J, self.mod.TABLES)
         return J
 
     def Jp(self, y, p):
@@ -189,7 +189,7 @@ class _Compiled:
         for i in range(self.n):
             v[:] = 0.0
             v[i] = 1.0
-            self.mod.vjp_params(y, p, v, self.need, row)
+            self.mod.vjp_params(y, p, v, self.need, row, self.mod.TABLES)
             out[i] = -row
         return out
 

@@ -26,14 +26,14 @@ ANDERSON_REG = 1e-10
 @njit(cache=True, inline="always")
 def fixed_point_one(n, m, residual, residual_jacobian, factor, factor_dense, solve, solve_transpose,
                     y0, p, ftol, rtol, max_iter, singular_tol, memory,
-                    y, J, piv, F, g, dF, dG, fprev, gprev, H, hpiv, rhs, W, info):
+                    y, J, piv, F, g, dF, dG, fprev, gprev, H, hpiv, rhs, W, info, tab):
     info[0] = 0.0
     info[1] = np.inf
     for i in range(n):
         y[i] = y0[i]
     if not all_finite(m, p) or not all_finite(n, y0):
         return st.NONFINITE
-    residual(y, p, F)
+    residual(y, p, F, tab)
     fnorm = inf_norm(n, F)
     info[1] = fnorm
     if not np.isfinite(fnorm):
@@ -87,11 +87,11 @@ def fixed_point_one(n, m, residual, residual_jacobian, factor, factor_dense, sol
                 y[i] = g[i]
         it += 1
         info[0] = it
-        residual(y, p, F)
+        residual(y, p, F, tab)
         fnorm = inf_norm(n, F)
         info[1] = fnorm
         if not np.isfinite(fnorm):
             return st.NONFINITE
-    residual_jacobian(y, p, F, J)  # J was never factored here: zero outside the pattern
+    residual_jacobian(y, p, F, J, tab)  # J was never factored here: zero outside the pattern
     return solution_status(n, residual_jacobian, factor, factor_dense, solve, solve_transpose,
-                           y, p, F, J, piv, singular_tol, W[0], W[1], W[2], g)
+                           y, p, F, J, piv, singular_tol, W[0], W[1], W[2], g, tab)

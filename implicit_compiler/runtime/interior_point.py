@@ -266,7 +266,7 @@ def kkt_error(n, q, r, z, gradf, h, Jh, g, Jg, sc):
 
 @njit(cache=True, inline="always", error_model="numpy")
 def ip_one(n, q, r, m, ip_eval, ip_obj, ip_hess, residual, residual_jacobian, factor_dense,
-           y0, p, tol, max_iter, singular_tol, weak_tol, vecs, mats, kpiv, z, J, piv, F, info):
+           y0, p, tol, max_iter, singular_tol, weak_tol, vecs, mats, kpiv, z, J, piv, F, info, tab):
     """Solve one sample; writes the KKT point ``z``, the factorised KKT Jacobian
     ``J``/``piv`` and ``info = (iterations, KKT residual, weakly active count)``.
 
@@ -294,7 +294,7 @@ def ip_one(n, q, r, m, ip_eval, ip_obj, ip_hess, residual, residual_jacobian, fa
     # y diverges when it outgrows the data by far (not at a fixed size: solutions of
     # problems with huge data are huge)
     y_diverged = IP_DIVERGED * max(1.0, big_p)
-    ip_eval(y, p, gradf, h, Jh, g, Jg)
+    ip_eval(y, p, gradf, h, Jh, g, Jg, tab)
     finite = problem_scaling(n, q, r, gradf, Jh, Jg, sc)
     for i in range(q):
         finite = finite and np.isfinite(h[i])
@@ -340,12 +340,12 @@ def ip_one(n, q, r, m, ip_eval, ip_obj, ip_hess, residual, residual_jacobian, fa
             # interior point goes on from where it was.
             unscale_point(n, q, r, sc, y, lam, nu, z)
             kkt_polish(n, q, r, residual, residual_jacobian, ip_eval, factor_dense,
-                       z, p, weak_tol, sc, J, piv, F, yt_z, Ft, gradft, ht, Jht, gt, Jgt, gw, info)
+                       z, p, weak_tol, sc, J, piv, F, yt_z, Ft, gradft, ht, Jht, gt, Jgt, gw, info, tab)
             rp = kkt_error(n, q, r, z, gradft, ht, Jht, gt, Jgt, sc)
             if rp <= tol:
                 info[1] = rp
                 return kkt_factor(n, q, r, residual_jacobian, ip_hess, factor_dense,
-                                  z, p, gt, Jht, Jgt, gw, singular_tol, J, piv, F, H)
+                                  z, p, gt, Jht, Jgt, gw, singular_tol, J, piv, F, H, tab)
             info[2] = 0.0
         if it >= max_iter:
             status = st.INFEASIBLE if primal_infeasibility(q, r, h, g, wh, wg) > np.sqrt(tol) else st.MAX_ITERATIONS
@@ -357,7 +357,7 @@ def ip_one(n, q, r, m, ip_eval, ip_obj, ip_hess, residual, residual_jacobian, fa
             lamt[i] = lam[i] * sc[1 + i] / sc[0]
         for i in range(r):
             nut[i] = nu[i] * sc[1 + q + i] / sc[0]
-        ip_hess(y, lamt, nut, p, H)
+        ip_hess(y, lamt, nut, p, H, tab)
         for a in range(n):
             for b in range(a + 1):
                 v = H[a, b] * sc[0]
@@ -456,7 +456,7 @@ def ip_one(n, q, r, m, ip_eval, ip_obj, ip_hess, residual, residual_jacobian, fa
                 if cviol > 0.0:
                     rho = max(rho, (dobj + 0.5 * quad) / (0.9 * cviol))
                 dPhi = dobj - rho * cviol
-                Phi0 = barrier_merit(q, r, sc[0] * ip_obj(y, p), s, mu, rho, h, g)
+                Phi0 = barrier_merit(q, r, sc[0] * ip_obj(y, p, tab), s, mu, rho, h, g)
                 if not (np.isfinite(Phi0) and dPhi < 0.0):
                     use_phi = False
                 used_phi = use_phi
@@ -469,13 +469,13 @@ def ip_one(n, q, r, m, ip_eval, ip_obj, ip_hess, residual, residual_jacobian, fa
                 for i in range(r):
                     nut[i] = nu[i] + t * dnu[i]
                     st_[i] = s[i] + t * ds[i]
-                ip_eval(yt, p, gradft, ht, Jht, gt, Jgt)
+                ip_eval(yt, p, gradft, ht, Jht, gt, Jgt, tab)
                 apply_scaling(n, q, r, sc, gradft, ht, Jht, gt, Jgt)
                 if use_phi:
                     # Accepted when the merit falls by at least a quarter of what its quadratic
                     # model predicts (a trust-region ratio test along the step): a step that
                     # leaves the region where the model holds (into another basin) is shortened.
-                    Phit = barrier_merit(q, r, sc[0] * ip_obj(yt, p), st_, mu, rho, ht, gt)
+                    Phit = barrier_merit(q, r, sc[0] * ip_obj(yt, p, tab), st_, mu, rho, ht, gt)
                     pred = -(t * dPhi + 0.5 * t * t * quad)
                     if pred > 0.0:
                         ok_t = Phi0 - Phit >= IP_RATIO * pred
@@ -529,7 +529,7 @@ def ip_one(n, q, r, m, ip_eval, ip_obj, ip_hess, residual, residual_jacobian, fa
     if status != st.CONVERGED:
         return status
     return kkt_finalize(n, q, r, residual, residual_jacobian, ip_eval, ip_hess, factor_dense,
-                        z, p, weak_tol, singular_tol, sc, J, piv, F, yt_z, Ft, gradf, h, Jh, g, Jg, gw, H, info)
+                        z, p, weak_tol, singular_tol, sc, J, piv, F, yt_z, Ft, gradf, h, Jh, g, Jg, gw, H, info, tab)
 
 
 @njit(cache=True, inline="always", error_model="numpy")
@@ -544,7 +544,7 @@ def unscale_point(n, q, r, sc, y, lam, nu, z):
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _active_set_jacobian(n, q, r, residual_jacobian, z, p, g, gw, J, F):
+def _active_set_jacobian(n, q, r, residual_jacobian, z, p, g, gw, J, F, tab):
     """KKT Jacobian at ``z`` with each complementarity row in its active-set form:
     active (``ν_i > 0``): ``ν_i ∇g_i·dy = …`` (the ``g_i dν_i`` term dropped, as ``g_i = 0``
     at the exact solution); inactive (``ν_i = 0``): ``g_i dν_i = …``; weakly active
@@ -553,7 +553,7 @@ def _active_set_jacobian(n, q, r, residual_jacobian, z, p, g, gw, J, F):
     for i in range(nz):
         for j in range(nz):
             J[i, j] = 0.0
-    residual_jacobian(z, p, F, J)
+    residual_jacobian(z, p, F, J, tab)
     for i in range(r):
         k = n + q + i
         if z[k] > 0.0:
@@ -566,7 +566,7 @@ def _active_set_jacobian(n, q, r, residual_jacobian, z, p, g, gw, J, F):
 
 @njit(cache=True, inline="always", error_model="numpy")
 def kkt_polish(n, q, r, residual, residual_jacobian, ip_eval, factor_dense,
-               z, p, weak_tol, sc, J, piv, F, zt, Ft, gradf, h, Jh, g, Jg, gw, info):
+               z, p, weak_tol, sc, J, piv, F, zt, Ft, gradf, h, Jh, g, Jg, gw, info, tab):
     """Classify the inequalities at the KKT point ``z`` and polish it with one Newton step
     on the active-set KKT system. An interior point stops at ``g_i ν_i ≈ μ``, so active
     constraints hold only to about ``μ / ν_i``; the step removes that error (exactly, for
@@ -576,7 +576,7 @@ def kkt_polish(n, q, r, residual, residual_jacobian, ip_eval, factor_dense,
     Returns the KKT residual (∞-norm) at the final ``z``; ``gradf, h, Jh, g, Jg`` are left
     evaluated there."""
     nz = n + q + r
-    ip_eval(z[:n], p, gradf, h, Jh, g, Jg)
+    ip_eval(z[:n], p, gradf, h, Jh, g, Jg, tab)
     weak = 0
     for i in range(r):
         k = n + q + i
@@ -590,30 +590,30 @@ def kkt_polish(n, q, r, residual, residual_jacobian, ip_eval, factor_dense,
                 weak += 1  # weakly active: treated as inactive
             z[k] = 0.0
     info[2] = weak
-    _active_set_jacobian(n, q, r, residual_jacobian, z, p, g, gw, J, F)
+    _active_set_jacobian(n, q, r, residual_jacobian, z, p, g, gw, J, F, tab)
     r0 = 0.0
     for i in range(nz):
         r0 = max(r0, abs(F[i]))
-    if not (factor_dense(J, piv) > 0.0):
+    if not (factor_dense(J, piv, tab) > 0.0):
         return r0
     for i in range(nz):
         Ft[i] = -F[i]
     lu_solve(nz, J, piv, Ft)
     for i in range(nz):
         zt[i] = z[i] + Ft[i]
-    residual(zt, p, Ft)
+    residual(zt, p, Ft, tab)
     r1 = 0.0
     for i in range(nz):
         r1 = max(r1, abs(Ft[i]))
     keep = r1 <= r0 and np.isfinite(r1)
     if keep:
-        ip_eval(zt[:n], p, gradf, h, Jh, g, Jg)
+        ip_eval(zt[:n], p, gradf, h, Jh, g, Jg, tab)
         for i in range(r):
             k = n + q + i
             if (z[k] > 0.0 and not (zt[k] > 0.0)) or (z[k] == 0.0 and g[i] > gw[i]):
                 keep = False
     if not keep:
-        ip_eval(z[:n], p, gradf, h, Jh, g, Jg)
+        ip_eval(z[:n], p, gradf, h, Jh, g, Jg, tab)
         return r0
     for i in range(r):
         k = n + q + i
@@ -745,14 +745,14 @@ def second_order(n, q, r, H, z, Jh, Jg, singular_tol):
 
 @njit(cache=True, inline="always", error_model="numpy")
 def kkt_factor(n, q, r, residual_jacobian, ip_hess, factor_dense,
-               z, p, g, Jh, Jg, gw, singular_tol, J, piv, F, H):
+               z, p, g, Jh, Jg, gw, singular_tol, J, piv, F, H, tab):
     """Factor the active-set KKT Jacobian at ``z`` for the backward pass and check the
     second-order condition; returns the status. ``g, Jh, Jg`` are evaluated at ``z``."""
-    _active_set_jacobian(n, q, r, residual_jacobian, z, p, g, gw, J, F)
+    _active_set_jacobian(n, q, r, residual_jacobian, z, p, g, gw, J, F, tab)
     # Dense LU with partial pivoting: the KKT matrix is indefinite and, with the rows
     # replaced, not the matrix a fixed elimination order was chosen for.
-    min_pivot = factor_dense(J, piv)
-    ip_hess(z[:n], z[n:n + q], z[n + q:], p, H)
+    min_pivot = factor_dense(J, piv, tab)
+    ip_hess(z[:n], z[n:n + q], z[n + q:], p, H, tab)
     status = second_order(n, q, r, H, z, Jh, Jg, singular_tol)
     if status == st.CONVERGED and not (min_pivot > 0.0):
         return st.SINGULAR_AT_SOLUTION
@@ -761,10 +761,10 @@ def kkt_factor(n, q, r, residual_jacobian, ip_hess, factor_dense,
 
 @njit(cache=True, inline="always", error_model="numpy")
 def kkt_finalize(n, q, r, residual, residual_jacobian, ip_eval, ip_hess, factor_dense,
-                 z, p, weak_tol, singular_tol, sc, J, piv, F, zt, Ft, gradf, h, Jh, g, Jg, gw, H, info):
+                 z, p, weak_tol, singular_tol, sc, J, piv, F, zt, Ft, gradf, h, Jh, g, Jg, gw, H, info, tab):
     """Classify, polish and factor at the KKT point ``z`` (see the module docstring)."""
     kkt_polish(n, q, r, residual, residual_jacobian, ip_eval, factor_dense,
-               z, p, weak_tol, sc, J, piv, F, zt, Ft, gradf, h, Jh, g, Jg, gw, info)
+               z, p, weak_tol, sc, J, piv, F, zt, Ft, gradf, h, Jh, g, Jg, gw, info, tab)
     info[1] = min(info[1], kkt_error(n, q, r, z, gradf, h, Jh, g, Jg, sc))
     return kkt_factor(n, q, r, residual_jacobian, ip_hess, factor_dense,
-                      z, p, g, Jh, Jg, gw, singular_tol, J, piv, F, H)
+                      z, p, g, Jh, Jg, gw, singular_tol, J, piv, F, H, tab)

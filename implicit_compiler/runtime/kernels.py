@@ -95,6 +95,7 @@ class Kernels:
         self.n = module.N
         self.m = module.M
         self.sparse = getattr(module, "FACTORIZATION", "dense") == "sparse"
+        self.tab = module.TABLES  # the module's integer tables, passed to every kernel
         self.pool = ArrayPool()
         # The generated drivers read Y0 as (1, n) (one guess for every sample) or (B, n);
         # a subclass with drivers of its own always gets (B, n).
@@ -179,11 +180,11 @@ class Kernels:
         else:
             threaded = B >= parallel_threshold and B * cost >= self.MIN_PARALLEL_SECONDS
         if threaded and threads.parallel_allowed():
-            getattr(self.module, kind + "_batch_parallel")(*args)
+            getattr(self.module, kind + "_batch_parallel")(*args, self.tab)
             threads.note_started()
             return
         t0 = time.perf_counter()
-        getattr(self.module, kind + "_range")(0, B, *args)
+        getattr(self.module, kind + "_range")(0, B, *args, self.tab)
         if B >= 16:
             # Measured on serial runs only: a threaded run's time includes starting the
             # threads, which on a busy machine can stall for milliseconds and would
@@ -209,5 +210,5 @@ class Kernels:
 
     def residual(self, Y: np.ndarray, P: np.ndarray) -> np.ndarray:
         out = np.empty_like(Y)
-        self.module.residual_batch_serial(Y, P, out)
+        self.module.residual_batch_serial(Y, P, out, self.tab)
         return out

@@ -111,21 +111,21 @@ def equilibrate(n, A, rmax, cmax):
 
 
 @njit(cache=True, inline="always")
-def _apply_inv(n, solve, LU, piv, rmax, cmax, v):
+def _apply_inv(n, solve, LU, piv, rmax, cmax, v, tab):
     """``v <- Ae^{-1} v = cmax * (A^{-1} (rmax * v))``."""
     for i in range(n):
         v[i] *= rmax[i]
-    solve(LU, piv, v)
+    solve(LU, piv, v, tab)
     for i in range(n):
         v[i] *= cmax[i]
 
 
 @njit(cache=True, inline="always")
-def _apply_inv_t(n, solve_transpose, LU, piv, rmax, cmax, v):
+def _apply_inv_t(n, solve_transpose, LU, piv, rmax, cmax, v, tab):
     """``v <- Ae^{-T} v = rmax * (A^{-T} (cmax * v))``."""
     for i in range(n):
         v[i] *= cmax[i]
-    solve_transpose(LU, piv, v)
+    solve_transpose(LU, piv, v, tab)
     for i in range(n):
         v[i] *= rmax[i]
 
@@ -139,7 +139,7 @@ def _norm1(n, v):
 
 
 @njit(cache=True, inline="always")
-def inv_norm1(n, solve, solve_transpose, LU, piv, rmax, cmax, x, z):
+def inv_norm1(n, solve, solve_transpose, LU, piv, rmax, cmax, x, z, tab):
     """``||Ae^{-1}||_1`` of the equilibrated matrix (see :func:`equilibrate`) from the
     factors of ``A``: exact for ``n <= EXACT_INVERSE_NORM_MAX_N`` (n solves), otherwise
     Hager's estimator with Higham's refinements (LAPACK ``dlacon``; a lower bound, in
@@ -151,7 +151,7 @@ def inv_norm1(n, solve, solve_transpose, LU, piv, rmax, cmax, x, z):
             for i in range(n):
                 x[i] = 0.0
             x[j] = 1.0
-            _apply_inv(n, solve, LU, piv, rmax, cmax, x)
+            _apply_inv(n, solve, LU, piv, rmax, cmax, x, tab)
             s = _norm1(n, x)
             if not s <= est:
                 est = s
@@ -161,7 +161,7 @@ def inv_norm1(n, solve, solve_transpose, LU, piv, rmax, cmax, x, z):
     est = 0.0
     jlast = -1
     for it in range(5):
-        _apply_inv(n, solve, LU, piv, rmax, cmax, x)
+        _apply_inv(n, solve, LU, piv, rmax, cmax, x, tab)
         s = _norm1(n, x)
         if not s < np.inf:
             return s
@@ -170,7 +170,7 @@ def inv_norm1(n, solve, solve_transpose, LU, piv, rmax, cmax, x, z):
         est = s
         for i in range(n):
             z[i] = 1.0 if x[i] >= 0.0 else -1.0
-        _apply_inv_t(n, solve_transpose, LU, piv, rmax, cmax, z)
+        _apply_inv_t(n, solve_transpose, LU, piv, rmax, cmax, z, tab)
         jmax = 0
         zmax = abs(z[0])
         for i in range(1, n):
@@ -186,7 +186,7 @@ def inv_norm1(n, solve, solve_transpose, LU, piv, rmax, cmax, x, z):
     # Higham's safeguard: a vector with alternating signs and growing entries.
     for i in range(n):
         x[i] = (1.0 + i / (n - 1.0)) * (1.0 if i % 2 == 0 else -1.0)
-    _apply_inv(n, solve, LU, piv, rmax, cmax, x)
+    _apply_inv(n, solve, LU, piv, rmax, cmax, x, tab)
     s = 2.0 * _norm1(n, x) / (3.0 * n)
     if not s <= est:
         est = s

@@ -131,21 +131,21 @@ def residual_ok(n, F, S, ftol, rtol):
 
 
 @njit(cache=True, inline="always")
-def factor_checked(n, residual_jacobian, factor, factor_dense, y, p, F, J, piv):
+def factor_checked(n, residual_jacobian, factor, factor_dense, y, p, F, J, piv, tab):
     """Factor J; if the fixed-order sparse elimination rejects a pivot (returns < 0),
     re-evaluate J and fall back to dense LU with partial pivoting."""
-    min_pivot = factor(J, piv)
+    min_pivot = factor(J, piv, tab)
     if min_pivot < 0.0:
         for i in range(n):
             for j in range(n):
                 J[i, j] = 0.0
-        residual_jacobian(y, p, F, J)
-        min_pivot = factor_dense(J, piv)
+        residual_jacobian(y, p, F, J, tab)
+        min_pivot = factor_dense(J, piv, tab)
     return min_pivot
 
 
 @njit(cache=True, inline="always")
-def reevaluate(n, residual_jacobian, y, p, F, J, piv):
+def reevaluate(n, residual_jacobian, y, p, F, J, piv, tab):
     """F and J at ``y``. After a dense factorisation (``piv[n] == 1``) J is zeroed first:
     a sparse module writes only its fill positions, and the scans of
     :func:`solution_status` read all of J."""
@@ -153,12 +153,12 @@ def reevaluate(n, residual_jacobian, y, p, F, J, piv):
         for i in range(n):
             for j in range(n):
                 J[i, j] = 0.0
-    residual_jacobian(y, p, F, J)
+    residual_jacobian(y, p, F, J, tab)
 
 
 @njit(cache=True, inline="always")
 def solution_status(n, residual_jacobian, factor, factor_dense, solve, solve_transpose,
-                    y, p, F, J, piv, singular_tol, rmax, cmax, x, z):
+                    y, p, F, J, piv, singular_tol, rmax, cmax, x, z, tab):
     """Classify the point ``y`` where F and J (unfactored) have just been evaluated;
     leaves the factorisation of J in ``J``/``piv``.
 
@@ -168,10 +168,10 @@ def solution_status(n, residual_jacobian, factor, factor_dense, solve, solve_tra
     anorm = equilibrate(n, J, rmax, cmax)
     if anorm < 0.0:
         return st.NONFINITE
-    min_pivot = factor_checked(n, residual_jacobian, factor, factor_dense, y, p, F, J, piv)
+    min_pivot = factor_checked(n, residual_jacobian, factor, factor_dense, y, p, F, J, piv, tab)
     if not (min_pivot > 0.0):
         return st.SINGULAR_AT_SOLUTION
-    est = inv_norm1(n, solve, solve_transpose, J, piv, rmax, cmax, x, z)
+    est = inv_norm1(n, solve, solve_transpose, J, piv, rmax, cmax, x, z, tab)
     if not (anorm * est * singular_tol <= 1.0):
         return st.SINGULAR_AT_SOLUTION
     return st.CONVERGED
@@ -180,7 +180,7 @@ def solution_status(n, residual_jacobian, factor, factor_dense, solve, solve_tra
 @njit(cache=True, inline="always")
 def newton_one(n, m, residual, residual_jacobian, residual_scale, factor, factor_dense, solve,
                solve_transpose, y0, p, ftol, rtol, xtol, max_iter, singular_tol,
-               y, J, piv, F, d, yt, Ft, W, info):
+               y, J, piv, F, d, yt, Ft, W, info, tab):
     """Solve one sample. Writes ``y``, the factorisation of J(y) in ``J``/``piv``, and
     ``info = (iterations, ||F(y)||_inf)``; returns the status code. ``W``: (3, n) scratch."""
     info[0] = 0.0
@@ -191,7 +191,7 @@ def newton_one(n, m, residual, residual_jacobian, residual_scale, factor, factor
         return st.NONFINITE
     S = W[0]
     s0 = step_floor(n, y0)
-    residual_jacobian(y, p, F, J)
+    residual_jacobian(y, p, F, J, tab)
     fnorm = inf_norm(n, F)
     info[1] = fnorm
     if not np.isfinite(fnorm):
@@ -200,22 +200,22 @@ def newton_one(n, m, residual, residual_jacobian, residual_scale, factor, factor
     it = 0
     prev = 0.0  # length of the last step taken
     while True:
-        min_pivot = factor_checked(n, residual_jacobian, factor, factor_dense, y, p, F, J, piv)
+        min_pivot = factor_checked(n, residual_jacobian, factor, factor_dense, y, p, F, J, piv, tab)
         if not (min_pivot > 0.0):
             if fnorm <= ftol:
                 return st.SINGULAR_AT_SOLUTION
-            residual_scale(y, p, S)
+            residual_scale(y, p, S, tab)
             if residual_ok(n, F, S, ftol, rtol):
                 return st.SINGULAR_AT_SOLUTION
             return st.SINGULAR_JACOBIAN
         for i in range(n):
             d[i] = -F[i]
-        solve(J, piv, d)
+        solve(J, piv, d, tab)
         step = inf_norm(n, d)
         xs = xtol * (s0 + inf_norm(n, y))
         res_ok = fnorm <= ftol
         if step <= xs and not res_ok:
-            residual_scale(y, p, S)
+            residual_scale(y, p, S, tab)
             res_ok = residual_ok(n, F, S, ftol, rtol)
         if step <= xs and res_ok:
             linear = prev > 0.0 and step > LINEAR_RATE * prev
@@ -223,12 +223,12 @@ def newton_one(n, m, residual, residual_jacobian, residual_scale, factor, factor
             # O(step^2); F and J are evaluated and factored again there.
             for i in range(n):
                 y[i] += d[i]
-            reevaluate(n, residual_jacobian, y, p, F, J, piv)
+            reevaluate(n, residual_jacobian, y, p, F, J, piv, tab)
             info[1] = inf_norm(n, F)
             if not np.isfinite(info[1]):
                 return st.NONFINITE
             status = solution_status(n, residual_jacobian, factor, factor_dense, solve, solve_transpose,
-                                     y, p, F, J, piv, singular_tol, W[1], W[2], yt, Ft)
+                                     y, p, F, J, piv, singular_tol, W[1], W[2], yt, Ft, tab)
             if status == st.CONVERGED and linear:
                 return st.SINGULAR_AT_SOLUTION
             return status
@@ -240,7 +240,7 @@ def newton_one(n, m, residual, residual_jacobian, residual_scale, factor, factor
         while t >= MIN_STEP:
             for i in range(n):
                 yt[i] = y[i] + t * d[i]
-            residual(yt, p, Ft)
+            residual(yt, p, Ft, tab)
             ft2 = norm2(n, Ft)
             if ft2 <= np.sqrt(1.0 - 2.0 * ARMIJO_C * t) * fn2:  # NaN/inf trial: rejected
                 accepted = True
@@ -252,7 +252,7 @@ def newton_one(n, m, residual, residual_jacobian, residual_scale, factor, factor
             if not finite_trial:
                 return st.NONFINITE  # F overflowed (or NaN) at every trial point
             if not res_ok:
-                residual_scale(y, p, S)
+                residual_scale(y, p, S, tab)
                 res_ok = residual_ok(n, F, S, ftol, rtol)
             if res_ok:
                 # F is zero to rounding but the Newton step is not small: the root is
@@ -264,7 +264,7 @@ def newton_one(n, m, residual, residual_jacobian, residual_scale, factor, factor
             y[i] = yt[i]
         it += 1
         info[0] = it
-        residual_jacobian(y, p, F, J)
+        residual_jacobian(y, p, F, J, tab)
         fnorm = inf_norm(n, F)
         info[1] = fnorm
         if not np.isfinite(fnorm):

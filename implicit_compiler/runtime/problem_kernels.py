@@ -41,7 +41,7 @@ class ProblemKernels(Kernels):
             Y0 = _kernel_array(Y0[:, :self.nv]) if Y0.shape[1] != self.nv else _kernel_array(Y0)
             if Y0.shape[0] != B:  # one shared initial guess
                 Y0 = np.ascontiguousarray(np.broadcast_to(Y0, (B, self.nv)))
-            args = (Y0, P, float(options.tol), int(options.max_iter), float(options.singular_tol),
+            args = (self.nq, self.nr, Y0, P, float(options.tol), int(options.max_iter), float(options.singular_tol),
                     float(weak_tol), Z, LU, PIV, STATUS, INFO)
             self._run("ip", B, args, options.parallel_threshold)
         else:
@@ -65,7 +65,7 @@ class ProblemKernels(Kernels):
         B = P.shape[0]
         _, LU, PIV, STATUS, INFO = self._alloc(B)
         weak_tol = self.weak_tol if self.weak_tol is not None else 10.0 * np.sqrt(options.tol)
-        args = (Z, P, float(weak_tol), float(options.singular_tol), LU, PIV, STATUS, INFO)
+        args = (self.nq, self.nr, Z, P, float(weak_tol), float(options.singular_tol), LU, PIV, STATUS, INFO)
         self._run("kkt_finalize", B, args, options.parallel_threshold)
         moved = np.abs(Z[:, :self.nv] - given).max(axis=1, initial=0.0)
         far = ~(moved <= np.sqrt(self.kkt_tol) * (1.0 + np.abs(given).max(axis=1, initial=0.0)))
@@ -113,7 +113,7 @@ class ProblemKernels(Kernels):
         n, q, r = self.nv, self.nq, self.nr
         gradf, h, Jh, g, Jg = (np.empty((B, n)), np.empty((B, q)), np.zeros((B, q, n)),
                                np.empty((B, r)), np.zeros((B, r, n)))
-        self.module.ip_eval_batch(_kernel_array(y), P, gradf, h, Jh, g, Jg)
+        self.module.ip_eval_batch(_kernel_array(y), P, gradf, h, Jh, g, Jg, self.tab)
         out = np.zeros((B, q + r))
         tol = np.sqrt(self.kkt_tol)
         for b in range(B):

@@ -32,8 +32,6 @@ RESIDUAL = types.void(f1, f1, f1, i1)
 JACOBIAN = types.void(f1, f1, f1, f2, i1)
 # residual_scale(y, p, S, tab): S_i = sum_j |dF_i/dy_j| |y_j|
 SCALE = types.void(f1, f1, f1, i1)
-# jac_params_absmax(y, p, tab) -> max |dF/dtheta|
-PARAMS_ABSMAX = types.float64(f1, f1, i1)
 # vjp_params(y, p, v, need, out, tab): out[c] = -sum_i v_i dF_i/dtheta_c for the needed groups
 VJP_PARAMS = types.void(f1, f1, f1, b1, f1, i1)
 # jvp_params(y, p, pdot, out, tab): out_i = sum_c dF_i/dtheta_c pdot_c
@@ -43,3 +41,30 @@ JVP_PARAMS = types.void(f1, f1, f1, f1, i1)
 def fn(sig):
     """The first-class function type of kernels with signature ``sig``."""
     return types.FunctionType(sig)
+
+# factor(J, piv, tab) -> smallest |pivot| (> 0), 0 for an exactly singular J, < 0 when the
+# fixed-order sparse elimination rejects a pivot (the caller falls back to factor_dense)
+FACTOR = types.float64(f2, i1, i1)
+# solve(J, piv, b, tab) / solve_transpose(...): b <- J^{-1} b / J^{-T} b with the factors in J, piv
+SOLVE = types.void(f2, i1, f1, i1)
+
+# Optimization problems (interior point), y the variables, z = (y, lam, nu) the KKT unknowns:
+# ip_eval(y, p, gradf, h, Jh, g, Jg, tab): the objective's gradient, the constraints and their Jacobians
+IP_EVAL = types.void(f1, f1, f1, f1, f2, f1, f2, i1)
+# ip_obj(y, p, tab) -> the objective (minimised)
+IP_OBJ = types.float64(f1, f1, i1)
+# ip_hess(y, lam, nu, p, H, tab): the Hessian of the Lagrangian in y
+IP_HESS = types.void(f1, f1, f1, f1, f2, i1)
+
+
+def decode_tables(text: str, size: int):
+    """A module's ``TABLES`` from the compressed base64 text it prints them as."""
+    import base64
+    import zlib
+
+    import numpy as np
+
+    out = np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype="<i8").astype(np.int64)
+    if out.size != size:
+        raise ValueError(f"the module's tables hold {out.size} entries, its header says {size}")
+    return out

@@ -175,16 +175,18 @@ def tr_dogleg(n, have_newton, d, qnorm, u, gnorm, sgnorm, bnorm, delta, s):
 @njit(cache=True, inline="always")
 def trust_region_one(n, m, residual, residual_jacobian, residual_scale, factor, factor_dense, solve,
                      solve_transpose, y0, p, ftol, rtol, xtol, max_iter, singular_tol,
-                     y, J, piv, Jc, F, d, u, s, yt, Ft, w, diag, W, info):
+                     y, J, piv, Jc, F, V, W, info, tab):
     """Solve one sample. Writes ``y``, the factorisation in ``J``/``piv``, and
     ``info = (iterations, ||F||_inf)``; returns the status code.
 
     ``Jc`` holds dF/dy unfactored (for the gradient, the model and the scaling);
-    it must be zero outside the positions ``residual_jacobian`` writes. ``W``: (3, n) scratch.
+    it must be zero outside the positions ``residual_jacobian`` writes. ``V``: (7, n) and ``W``:
+    (3, n) scratch.
     The convergence tests, the final step and the classification of the point are
     newton_one's (:func:`~implicit_compiler.runtime.newton.residual_ok`,
     :func:`~implicit_compiler.runtime.newton.solution_status`).
     """
+    d, u, s, yt, Ft, w, diag = V[0], V[1], V[2], V[3], V[4], V[5], V[6]
     info[0] = 0.0
     info[1] = np.inf
     for i in range(n):
@@ -193,7 +195,7 @@ def trust_region_one(n, m, residual, residual_jacobian, residual_scale, factor, 
         return st.NONFINITE
     S = W[0]
     s0 = step_floor(n, y0)
-    residual_jacobian(y, p, F, Jc)
+    residual_jacobian(y, p, F, Jc, tab)
     fnorm = inf_norm(n, F)
     info[1] = fnorm
     if not np.isfinite(fnorm):
@@ -221,23 +223,23 @@ def trust_region_one(n, m, residual, residual_jacobian, residual_scale, factor, 
             for i in range(n):
                 for j in range(n):
                     J[i, j] = Jc[i, j]
-            min_pivot = factor_checked(n, residual_jacobian, factor, factor_dense, y, p, F, J, piv)
+            min_pivot = factor_checked(n, residual_jacobian, factor, factor_dense, y, p, F, J, piv, tab)
             have_newton = min_pivot > 0.0
             if not have_newton:
                 if fnorm <= ftol:
                     return st.SINGULAR_AT_SOLUTION
-                residual_scale(y, p, S)
+                residual_scale(y, p, S, tab)
                 if residual_ok(n, F, S, ftol, rtol):
                     return st.SINGULAR_AT_SOLUTION
             if have_newton:
                 for i in range(n):
                     d[i] = -F[i]
-                solve(J, piv, d)
+                solve(J, piv, d, tab)
                 step = inf_norm(n, d)
                 xs = xtol * (s0 + inf_norm(n, y))
                 res_ok = fnorm <= ftol
                 if step <= xs and not res_ok:
-                    residual_scale(y, p, S)
+                    residual_scale(y, p, S, tab)
                     res_ok = residual_ok(n, F, S, ftol, rtol)
                 if step <= xs and res_ok:
                     # As newton_one: take the final Newton step, evaluate and factor
@@ -246,12 +248,12 @@ def trust_region_one(n, m, residual, residual_jacobian, residual_scale, factor, 
                     linear = prev > 0.0 and step > LINEAR_RATE * prev
                     for i in range(n):
                         y[i] += d[i]
-                    reevaluate(n, residual_jacobian, y, p, F, J, piv)
+                    reevaluate(n, residual_jacobian, y, p, F, J, piv, tab)
                     info[1] = inf_norm(n, F)
                     if not np.isfinite(info[1]):
                         return st.NONFINITE
                     status = solution_status(n, residual_jacobian, factor, factor_dense, solve, solve_transpose,
-                                             y, p, F, J, piv, singular_tol, W[1], W[2], yt, Ft)
+                                             y, p, F, J, piv, singular_tol, W[1], W[2], yt, Ft, tab)
                     if status == st.CONVERGED and linear:
                         return st.SINGULAR_AT_SOLUTION
                     return status
@@ -272,7 +274,7 @@ def trust_region_one(n, m, residual, residual_jacobian, residual_scale, factor, 
         pnorm = tr_scaled_norm2(n, diag, s, w)
         for i in range(n):
             yt[i] = y[i] + s[i]
-        residual(yt, p, Ft)
+        residual(yt, p, Ft, tab)
         it += 1
         info[0] = it
         fnorm1 = tr_norm2(n, Ft)  # NaN or inf: rejected below, the region shrinks
@@ -309,7 +311,7 @@ def trust_region_one(n, m, residual, residual_jacobian, residual_scale, factor, 
             prev = inf_norm(n, s) if full else 0.0
             for i in range(n):
                 y[i] = yt[i]
-            residual_jacobian(y, p, F, Jc)
+            residual_jacobian(y, p, F, Jc, tab)
             fnorm = inf_norm(n, F)
             info[1] = fnorm
             tr_update_scaling(n, Jc, diag, False)
@@ -319,7 +321,7 @@ def trust_region_one(n, m, residual, residual_jacobian, residual_scale, factor, 
     # Stalled: no trial step reduces ||F||^2 any more.
     res_ok = fnorm <= ftol
     if not res_ok:
-        residual_scale(y, p, S)
+        residual_scale(y, p, S, tab)
         res_ok = residual_ok(n, F, S, ftol, rtol)
     if res_ok:
         # As newton_one: F is zero to rounding but the Newton step is not below xtol, so

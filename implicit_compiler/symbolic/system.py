@@ -358,10 +358,9 @@ class ResidualSystem:
             return derive(self)
         # differentiate with real-argument rules (module docstring), then restore SymPy's functions
         d = derive(SimpleNamespace(residuals=view, unknowns=self.unknowns, params=self.params,
-                                   n_unknowns=self.n_unknowns))
+                                   unknown_groups=self.unknown_groups, param_groups=self.param_groups),
+                   back=_back)
         d.residuals = self.residuals
-        d.jac_y = [(i, j, _back(e)) for i, j, e in d.jac_y]
-        d.jac_p = [(i, j, _back(e)) for i, j, e in d.jac_p]
         return d
 
     @property
