@@ -6,8 +6,8 @@ module's table ``tab``. It is compiled once, for that one signature, the first t
 system needs it, and cached with the package: a new system compiles only its own
 expression kernels, never a solver.
 
-``*_range(kernels..., lo, hi, ...)`` runs samples ``lo..hi-1`` on the calling thread
-(``nogil``); ``*_batch_parallel`` splits the batch into chunks of ``CHUNK`` samples with
+``drive_<kind>_range(kernels..., lo, hi, ...)`` runs samples ``lo..hi-1`` on the calling thread
+(``nogil``); ``drive_<kind>_batch_parallel`` splits the batch into chunks of ``BATCH_CHUNK`` samples with
 ``prange`` and calls the range driver per chunk, so Numba's parallel compiler never sees
 a solver body. The generated module binds its kernels to these drivers in small
 uncached wrappers (a call from Python that converted each kernel to a function pointer
@@ -36,7 +36,7 @@ from .newton import newton_one
 from .status import NONFINITE
 from .trust_region import trust_region_one
 
-CHUNK = 64  # samples per prange work item
+BATCH_CHUNK = 64  # samples per prange work item
 
 _f1, _f2, _f3, _i1, _i2, _b1, _s1 = sg.f1, sg.f2, sg.f3, sg.i1, sg.i2, sg.b1, sg.s1
 _f64, _i64 = types.float64, types.int64
@@ -128,7 +128,7 @@ def pattern_solve_transpose(J, piv, b, tab):
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def newton_range(residual, residual_jacobian, residual_scale, factor, factor_dense, solve, solve_transpose,
+def drive_newton_range(residual, residual_jacobian, residual_scale, factor, factor_dense, solve, solve_transpose,
                  lo, hi, Y0, P, ftol, rtol, xtol, max_iter, singular_tol, Y, LU, PIV, STATUS, INFO, tab):
     n = Y.shape[1]
     m = P.shape[1]
@@ -145,18 +145,19 @@ def newton_range(residual, residual_jacobian, residual_scale, factor, factor_den
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def newton_batch_parallel(residual, residual_jacobian, residual_scale, factor, factor_dense, solve, solve_transpose,
+def drive_newton_batch_parallel(residual, residual_jacobian, residual_scale, factor, factor_dense, solve,
+                                solve_transpose,
                           Y0, P, ftol, rtol, xtol, max_iter, singular_tol, Y, LU, PIV, STATUS, INFO, tab):
     B = Y.shape[0]
-    nchunks = (B + CHUNK - 1) // CHUNK
+    nchunks = (B + BATCH_CHUNK - 1) // BATCH_CHUNK
     for c in prange(nchunks):
-        newton_range(residual, residual_jacobian, residual_scale, factor, factor_dense, solve, solve_transpose,
-                     c * CHUNK, min(B, (c + 1) * CHUNK), Y0, P, ftol, rtol, xtol, max_iter, singular_tol,
+        drive_newton_range(residual, residual_jacobian, residual_scale, factor, factor_dense, solve, solve_transpose,
+                     c * BATCH_CHUNK, min(B, (c + 1) * BATCH_CHUNK), Y0, P, ftol, rtol, xtol, max_iter, singular_tol,
                      Y, LU, PIV, STATUS, INFO, tab)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def trust_region_range(residual, residual_jacobian, residual_scale, factor, factor_dense, solve, solve_transpose,
+def drive_trust_region_range(residual, residual_jacobian, residual_scale, factor, factor_dense, solve, solve_transpose,
                        lo, hi, Y0, P, ftol, rtol, xtol, max_iter, singular_tol, Y, LU, PIV, STATUS, INFO, tab):
     n = Y.shape[1]
     m = P.shape[1]
@@ -172,19 +173,19 @@ def trust_region_range(residual, residual_jacobian, residual_scale, factor, fact
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def trust_region_batch_parallel(residual, residual_jacobian, residual_scale, factor, factor_dense, solve,
+def drive_trust_region_batch_parallel(residual, residual_jacobian, residual_scale, factor, factor_dense, solve,
                                 solve_transpose, Y0, P, ftol, rtol, xtol, max_iter, singular_tol, Y, LU, PIV,
                                 STATUS, INFO, tab):
     B = Y.shape[0]
-    nchunks = (B + CHUNK - 1) // CHUNK
+    nchunks = (B + BATCH_CHUNK - 1) // BATCH_CHUNK
     for c in prange(nchunks):
-        trust_region_range(residual, residual_jacobian, residual_scale, factor, factor_dense, solve,
-                           solve_transpose, c * CHUNK, min(B, (c + 1) * CHUNK), Y0, P, ftol, rtol, xtol,
+        drive_trust_region_range(residual, residual_jacobian, residual_scale, factor, factor_dense, solve,
+                           solve_transpose, c * BATCH_CHUNK, min(B, (c + 1) * BATCH_CHUNK), Y0, P, ftol, rtol, xtol,
                            max_iter, singular_tol, Y, LU, PIV, STATUS, INFO, tab)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def fixed_point_range(residual, residual_jacobian, factor, factor_dense, solve, solve_transpose,
+def drive_fixed_point_range(residual, residual_jacobian, factor, factor_dense, solve, solve_transpose,
                       lo, hi, Y0, P, ftol, rtol, max_iter, singular_tol, memory, Y, LU, PIV, STATUS, INFO, tab):
     n = Y.shape[1]
     m = P.shape[1]
@@ -208,18 +209,18 @@ def fixed_point_range(residual, residual_jacobian, factor, factor_dense, solve, 
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def fixed_point_batch_parallel(residual, residual_jacobian, factor, factor_dense, solve, solve_transpose,
+def drive_fixed_point_batch_parallel(residual, residual_jacobian, factor, factor_dense, solve, solve_transpose,
                                Y0, P, ftol, rtol, max_iter, singular_tol, memory, Y, LU, PIV, STATUS, INFO, tab):
     B = Y.shape[0]
-    nchunks = (B + CHUNK - 1) // CHUNK
+    nchunks = (B + BATCH_CHUNK - 1) // BATCH_CHUNK
     for c in prange(nchunks):
-        fixed_point_range(residual, residual_jacobian, factor, factor_dense, solve, solve_transpose,
-                          c * CHUNK, min(B, (c + 1) * CHUNK), Y0, P, ftol, rtol, max_iter, singular_tol,
+        drive_fixed_point_range(residual, residual_jacobian, factor, factor_dense, solve, solve_transpose,
+                          c * BATCH_CHUNK, min(B, (c + 1) * BATCH_CHUNK), Y0, P, ftol, rtol, max_iter, singular_tol,
                           memory, Y, LU, PIV, STATUS, INFO, tab)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def vjp_range(solve_transpose, vjp_params, lo, hi, Y, P, LU, PIV, STATUS, YBAR, need, PBAR, tab):
+def drive_vjp_range(solve_transpose, vjp_params, lo, hi, Y, P, LU, PIV, STATUS, YBAR, need, PBAR, tab):
     """``PBAR[b] = -(dF/dtheta)^T (dF/dy)^{-T} YBAR[b]`` at the solution, for converged samples."""
     n = Y.shape[1]
     v = np.empty(n)
@@ -234,16 +235,16 @@ def vjp_range(solve_transpose, vjp_params, lo, hi, Y, P, LU, PIV, STATUS, YBAR, 
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def vjp_batch_parallel(solve_transpose, vjp_params, Y, P, LU, PIV, STATUS, YBAR, need, PBAR, tab):
+def drive_vjp_batch_parallel(solve_transpose, vjp_params, Y, P, LU, PIV, STATUS, YBAR, need, PBAR, tab):
     B = Y.shape[0]
-    nchunks = (B + CHUNK - 1) // CHUNK
+    nchunks = (B + BATCH_CHUNK - 1) // BATCH_CHUNK
     for c in prange(nchunks):
-        vjp_range(solve_transpose, vjp_params, c * CHUNK, min(B, (c + 1) * CHUNK), Y, P, LU, PIV, STATUS,
-                  YBAR, need, PBAR, tab)
+        drive_vjp_range(solve_transpose, vjp_params, c * BATCH_CHUNK, min(B, (c + 1) * BATCH_CHUNK), Y, P, LU, PIV,
+                        STATUS, YBAR, need, PBAR, tab)
 
 
 @njit(cache=True, error_model="numpy")
-def residual_batch(residual, Y, P, OUT, tab):
+def drive_residual_batch(residual, Y, P, OUT, tab):
     for b in range(Y.shape[0]):
         residual(Y[b], P[b], OUT[b], tab)
 
@@ -254,7 +255,7 @@ def residual_batch(residual, Y, P, OUT, tab):
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def ip_range(ip_eval, ip_obj, ip_hess, residual, residual_jacobian, factor_dense,
+def drive_ip_range(ip_eval, ip_obj, ip_hess, residual, residual_jacobian, factor_dense,
              lo, hi, nq, nr, Y0, P, tol, max_iter, singular_tol, weak_tol, Z, LU, PIV, STATUS, INFO, tab):
     NV = Y0.shape[1]
     N = Z.shape[1]
@@ -306,18 +307,18 @@ def ip_range(ip_eval, ip_obj, ip_hess, residual, residual_jacobian, factor_dense
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def ip_batch_parallel(ip_eval, ip_obj, ip_hess, residual, residual_jacobian, factor_dense,
+def drive_ip_batch_parallel(ip_eval, ip_obj, ip_hess, residual, residual_jacobian, factor_dense,
                       nq, nr, Y0, P, tol, max_iter, singular_tol, weak_tol, Z, LU, PIV, STATUS, INFO, tab):
     B = Z.shape[0]
-    nchunks = (B + CHUNK - 1) // CHUNK
+    nchunks = (B + BATCH_CHUNK - 1) // BATCH_CHUNK
     for c in prange(nchunks):
-        ip_range(ip_eval, ip_obj, ip_hess, residual, residual_jacobian, factor_dense,
-                 c * CHUNK, min(B, (c + 1) * CHUNK), nq, nr, Y0, P, tol, max_iter, singular_tol, weak_tol,
+        drive_ip_range(ip_eval, ip_obj, ip_hess, residual, residual_jacobian, factor_dense,
+                 c * BATCH_CHUNK, min(B, (c + 1) * BATCH_CHUNK), nq, nr, Y0, P, tol, max_iter, singular_tol, weak_tol,
                  Z, LU, PIV, STATUS, INFO, tab)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def kkt_finalize_range(ip_eval, ip_hess, residual, residual_jacobian, factor_dense,
+def drive_kkt_finalize_range(ip_eval, ip_hess, residual, residual_jacobian, factor_dense,
                        lo, hi, nq, nr, Z, P, weak_tol, singular_tol, LU, PIV, STATUS, INFO, tab):
     """For a forward pass computed elsewhere: check, polish and factor the KKT system at Z.
     ``INFO[b, 1]`` is the relative KKT error of the point as given (before the polish)."""
@@ -363,18 +364,19 @@ def kkt_finalize_range(ip_eval, ip_hess, residual, residual_jacobian, factor_den
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def kkt_finalize_batch_parallel(ip_eval, ip_hess, residual, residual_jacobian, factor_dense,
+def drive_kkt_finalize_batch_parallel(ip_eval, ip_hess, residual, residual_jacobian, factor_dense,
                                 nq, nr, Z, P, weak_tol, singular_tol, LU, PIV, STATUS, INFO, tab):
     B = Z.shape[0]
-    nchunks = (B + CHUNK - 1) // CHUNK
+    nchunks = (B + BATCH_CHUNK - 1) // BATCH_CHUNK
     for c in prange(nchunks):
-        kkt_finalize_range(ip_eval, ip_hess, residual, residual_jacobian, factor_dense,
-                           c * CHUNK, min(B, (c + 1) * CHUNK), nq, nr, Z, P, weak_tol, singular_tol, LU, PIV, STATUS,
+        drive_kkt_finalize_range(ip_eval, ip_hess, residual, residual_jacobian, factor_dense,
+                           c * BATCH_CHUNK, min(B, (c + 1) * BATCH_CHUNK), nq, nr, Z, P, weak_tol, singular_tol,
+                           LU, PIV, STATUS,
                            INFO, tab)
 
 
 @njit(cache=True, error_model="numpy")
-def ip_eval_batch(ip_eval, Y, P, GRADF, H, JH, G, JG, tab):
+def drive_ip_eval_batch(ip_eval, Y, P, GRADF, H, JH, G, JG, tab):
     for b in range(Y.shape[0]):
         ip_eval(Y[b], P[b], GRADF[b], H[b], JH[b], G[b], JG[b], tab)
 
@@ -414,7 +416,7 @@ def driver(name: str) -> _Entry:
         with _lock:
             got = _entries.get(name)
             if got is None:
-                fn = globals()[name]
+                fn = globals().get("drive_" + name) or globals()[name]
                 sig = _SIGNATURES[name]
                 fn.compile(sig)
                 fn.disable_compile()

@@ -78,8 +78,8 @@ def test_round_trip_in_a_fresh_process_without_sympy(appendix_layer, tmp_path):
 def test_bad_sources_are_refused(appendix_layer):
     with pytest.raises(ExportError, match="imports sympy, which a standalone module cannot use"):
         standalone_source(appendix_layer.source + "\nimport sympy\n")
-    with pytest.raises(ExportError, match="'newton_one' is defined in both implicit_compiler/runtime/newton.py"):
-        standalone_source(appendix_layer.source + "\ndef newton_one():\n    pass\n")
+    with pytest.raises(ExportError, match="'lu_factor' is defined in both implicit_compiler/runtime/linalg.py"):
+        standalone_source(appendix_layer.source + "\ndef lu_factor():\n    pass\n")
     with pytest.raises(ExportError, match="torch.nn.Module is not a class of the implicit_compiler package"):
         standalone_source(appendix_layer.source, layer_class="torch.nn.Module")
     with pytest.raises(ExportError, match="must end in .py"):
