@@ -598,7 +598,10 @@ DRIVERS = {
                     ("Y0", "P", "ftol", "rtol", "max_iter", "singular_tol", "memory", "Y", "LU", "PIV", "STATUS",
                      "INFO")),
     "vjp": (("solve_transpose", "vjp_params"), ("Y", "P", "LU", "PIV", "STATUS", "YBAR", "need", "PBAR")),
+    # one wrapper only (no range / parallel pair): solves with the factors a forward left
+    "solve_batch": (("solve", "solve_transpose"), ("LU", "PIV", "STATUS", "X", "transpose")),
 }
+SINGLE_DRIVERS = ("solve_batch",)
 
 
 KERNEL_SIGNATURES = {"residual": "RESIDUAL", "residual_jacobian": "JACOBIAN", "residual_scale": "SCALE",
@@ -622,7 +625,8 @@ def driver_bindings(drivers: dict, kinds, extra: tuple = (), bound: tuple = ()) 
     out += [f"_fn_{k} = _function({k}, {KERNEL_SIGNATURES[k]})" for k in kernels_used if k not in bound]
     for kind in kinds:
         kernels, args = drivers[kind]
-        for suffix, lead in (("_range", ("lo", "hi")), ("_batch_parallel", ())):
+        variants = (("", ()),) if kind in SINGLE_DRIVERS else (("_range", ("lo", "hi")), ("_batch_parallel", ()))
+        for suffix, lead in variants:
             name = kind + suffix
             params = ", ".join((*lead, *extra, *args, "tab"))
             call = (*(f"_fn_{k}" for k in kernels), *lead, *extra, *args, "tab")
@@ -758,6 +762,7 @@ def emit_module(derivation, layout: dict, key: str, options: dict | None = None,
         kinds = ["fixed_point", "trust_region"]
     else:
         kinds = ["newton", "vjp", "fixed_point", "trust_region"]
+    kinds.append("solve_batch")
     out.append("\n".join(driver_bindings(DRIVERS, kinds, bound=bound)).rstrip() + "\n")
     out.append(_RESIDUAL_BATCH)
     return "\n\n".join(out).rstrip() + "\n", tables

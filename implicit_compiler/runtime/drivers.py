@@ -65,6 +65,7 @@ def _signatures():
         out[kind + "_range"] = types.void(*kern, _i64, _i64, *args)
         out[kind + "_batch_parallel"] = types.void(*kern, *args)
     out["residual_batch"] = types.void(sg.fn(sg.RESIDUAL), _f2, _f2, _f2, _i1)
+    out["solve_batch"] = types.void(sg.fn(sg.SOLVE), sg.fn(sg.SOLVE), _f3, _i2, _s1, _f2, types.boolean, _i1)
     for name in ("dense_factor", "pattern_factor"):
         out[name] = sg.FACTOR
     for name in ("dense_solve", "dense_solve_transpose", "pattern_solve", "pattern_solve_transpose"):
@@ -241,6 +242,19 @@ def drive_vjp_batch_parallel(solve_transpose, vjp_params, Y, P, LU, PIV, STATUS,
     for c in prange(nchunks):
         drive_vjp_range(solve_transpose, vjp_params, c * BATCH_CHUNK, min(B, (c + 1) * BATCH_CHUNK), Y, P, LU, PIV,
                         STATUS, YBAR, need, PBAR, tab)
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def drive_solve_batch(solve, solve_transpose, LU, PIV, STATUS, X, transpose, tab):
+    """``X[b] <- J_b^{-1} X[b]`` (``J_b^{-T}`` with ``transpose``) with the factors a solve left in
+    ``LU[b]``, ``PIV[b]``, for the samples with status 0; the other rows are set to zero."""
+    for b in range(X.shape[0]):
+        if STATUS[b] != 0:
+            X[b, :] = 0.0
+        elif transpose:
+            solve_transpose(LU[b], PIV[b], X[b], tab)
+        else:
+            solve(LU[b], PIV[b], X[b], tab)
 
 
 @njit(cache=True, error_model="numpy")

@@ -208,6 +208,14 @@ class Kernels:
 
         return numba.get_num_threads()
 
+    def solve_linear(self, res: SolveResult, R: np.ndarray, transpose: bool = False) -> np.ndarray:
+        """``J_b^{-1} R[b]`` (``J_b^{-T} R[b]`` with ``transpose``) for every sample, with the
+        factorisation of ``J_b = ∂F/∂y(y*_b)`` that the forward solve left in ``res``; zero
+        rows for the samples that did not converge. ``R``: ``(B, n)``; returns a new array."""
+        X = np.array(R, dtype=np.float64, order="C")
+        self.module.solve_batch(res.lu, res.piv, res.status, X, bool(transpose), self.tab)
+        return X
+
     def residual(self, Y: np.ndarray, P: np.ndarray) -> np.ndarray:
         out = np.empty_like(Y)
         self.module.residual_batch_serial(Y, P, out, self.tab)

@@ -93,20 +93,32 @@ def equilibrate(n, A, rmax, cmax):
         if not m < np.inf:
             return -1.0
         rmax[i] = m if m > 0.0 else 1.0
+    # Row by row (A is C-ordered), skipping zeros: a sparse Jacobian costs its non-zeros'
+    # divisions, and no pass walks down the columns of a large matrix.
     for j in range(n):
-        m = 0.0
-        for i in range(n):
-            v = abs(A[i, j]) / rmax[i]
-            if v > m:
-                m = v
-        cmax[j] = m if m > 0.0 else 1.0
+        cmax[j] = 0.0
+    for i in range(n):
+        r = rmax[i]
+        for j in range(n):
+            a = A[i, j]
+            if a != 0.0:
+                v = abs(a) / r
+                if v > cmax[j]:
+                    cmax[j] = v
+    for j in range(n):
+        if not cmax[j] > 0.0:
+            cmax[j] = 1.0
+    sums = np.zeros(n)
+    for i in range(n):
+        r = rmax[i]
+        for j in range(n):
+            a = A[i, j]
+            if a != 0.0:
+                sums[j] += abs(a) / (r * cmax[j])
     norm = 0.0
     for j in range(n):
-        s = 0.0
-        for i in range(n):
-            s += abs(A[i, j]) / (rmax[i] * cmax[j])
-        if s > norm:
-            norm = s
+        if sums[j] > norm:
+            norm = sums[j]
     return norm
 
 
