@@ -76,6 +76,20 @@ class ProblemLayer(ImplicitLayer):
         return {"return_multipliers": self.return_multipliers, "weak_tol": self.kernels.weak_tol,
                 "warn_weakly_active": self.warn_weakly_active}
 
+    def _kernel_kwargs(self) -> dict:
+        k = self.kernels
+        return {"forward": k.forward, "weak_tol": k.weak_tol, "kkt_tol": k.kkt_tol}
+
+    def _make_kernels(self, module, kwargs: dict):
+        return ProblemKernels(module, **kwargs)
+
+    def _probe(self) -> SolveResult:
+        k = self.kernels
+        opts = self.options.replace(max_iter=0)
+        if k.forward is not None:  # not the user's callable: the KKT check its results go through
+            return k.finalize(np.zeros((1, k.n)), np.zeros((1, k.m)), opts)
+        return k.solve(np.zeros((1, k.m)), np.zeros((1, k.nv)), opts)
+
     def _initial(self, y0, B: int) -> np.ndarray:
         nv = self.kernels.nv
         if y0 is None:
