@@ -325,6 +325,17 @@ class ImplicitFunction(torch.autograd.Function):
         return (*nothing, *out)
 
 
+    @staticmethod
+    def jvp(ctx, *tangents):
+        # forward mode: dy = -(dF/dy)^{-1} (dF/dtheta) dtheta at y*, from the tensors setup_context
+        # saved; it needs a JVP kernel the generated modules do not have yet
+        raise NotImplementedError(
+            f"forward-mode derivatives through the implicit layer {ctx.meta[0]!r} are not supported yet "
+            f"(torch.func.jvp, torch.func.jacfwd, torch.autograd.forward_ad): use reverse mode instead "
+            f"(torch.func.vjp, torch.func.jacrev, torch.func.grad or loss.backward()), which is exact"
+        )
+
+
 class SecondOrderUnsupported(torch.autograd.Function):
     """Identity on the gradients an implicit layer's backward returns under
     ``create_graph=True``, whose own backward raises :class:`NotImplementedError`.

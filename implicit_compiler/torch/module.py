@@ -300,7 +300,7 @@ class ImplicitLayer(torch.nn.Module):
             raise ImplicitCompilerError(
                 f"torch.jit.trace cannot record the implicit layer {self.layout['name']!r}: its forward pass is "
                 f"an iterative solve in generated Numba kernels, not TorchScript operations. Use "
-                f"torch.compile(model) (fullgraph=True works), or torch.export, instead of torch.jit"
+                f"torch.compile(model) (fullgraph=True works) instead of torch.jit"
             )
         groups = self._param_groups
         tensors = list(args) if not kwargs and len(args) == len(groups) else self._bind(args, kwargs)
