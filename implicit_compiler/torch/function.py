@@ -96,14 +96,14 @@ def _layer(token: str):
 # ---------------------------------------------------------------------------------------------------
 # SolveResult <-> tensors
 
-_FIELDS = tuple(f.name for f in fields(SolveResult))
+RESULT_FIELDS = tuple(f.name for f in fields(SolveResult))
 
 
 def result_names(res: SolveResult) -> tuple:
     """The result's arrays in a fixed order: the dataclass fields, then extra attributes
     (``weakly_active`` of an optimization problem)."""
-    extra = tuple(sorted(k for k, v in vars(res).items() if k not in _FIELDS and isinstance(v, np.ndarray)))
-    return _FIELDS + extra
+    extra = tuple(sorted(k for k, v in vars(res).items() if k not in RESULT_FIELDS and isinstance(v, np.ndarray)))
+    return RESULT_FIELDS + extra
 
 
 def result_to_tensors(res: SolveResult, names) -> list:
@@ -114,8 +114,8 @@ def result_to_tensors(res: SolveResult, names) -> list:
 
 def tensors_to_result(tensors, names) -> SolveResult:
     arrays = {k: t.numpy() for k, t in zip(names, tensors)}
-    res = SolveResult(**{k: arrays[k] for k in _FIELDS})
-    for k in names[len(_FIELDS):]:
+    res = SolveResult(**{k: arrays[k] for k in RESULT_FIELDS})
+    for k in names[len(RESULT_FIELDS):]:
         setattr(res, k, arrays[k])
     return res
 
@@ -241,9 +241,14 @@ def call_meta(layout: dict, unknown_groups, param_groups) -> tuple:
             tuple((g["offset"], len(g["symbols"]), len(g["shape"])) for g in param_groups))
 
 
-class ImplicitFunction(torch.autograd.Function):
-    """``ImplicitFunction.apply(token, meta, y0, *params)``: one output per unknown group, then
-    the solve result's tensors (non-differentiable). ``meta``: :func:`call_meta` of the layer."""
+class CompilableImplicitFunction(torch.autograd.Function):
+    """``apply(token, meta, y0, *params)``: one output per unknown group, then the solve
+    result's tensors (non-differentiable). ``meta``: :func:`call_meta` of the layer.
+
+    This class has no forward-mode rule, because Dynamo cannot trace an ``autograd.Function``
+    that defines ``jvp``: layers apply it while ``torch.compile`` traces, and
+    :class:`ImplicitFunction` (the same with ``jvp``) otherwise.
+    """
 
     generate_vmap_rule = True
 
@@ -324,6 +329,11 @@ class ImplicitFunction(torch.autograd.Function):
             out = SecondOrderUnsupported.wrap(name, params, out)
         return (*nothing, *out)
 
+
+
+
+class ImplicitFunction(CompilableImplicitFunction):
+    """:class:`CompilableImplicitFunction` with its forward-mode rule (eager mode and torch.func)."""
 
     @staticmethod
     def jvp(ctx, *tangents):

@@ -14,7 +14,15 @@ from ..errors import ConvergenceError, ImplicitCompilerError, InputError
 from ..runtime import status as st
 from ..runtime.kernels import Kernels, SolveResult
 from ..runtime.options import SolverOptions
-from .function import ImplicitFunction, call_meta, register, result_names, result_to_tensors
+from .function import (
+    RESULT_FIELDS,
+    CompilableImplicitFunction,
+    ImplicitFunction,
+    call_meta,
+    register,
+    result_names,
+    result_to_tensors,
+)
 from .shapes import _describe, as_array, batch_size, check_finite_dtype, check_tensor, pack, to_numpy
 
 # How a pickled layer finds its generated module again: set by ``implicit_compiler.compiler``
@@ -134,7 +142,7 @@ class ImplicitLayer(torch.nn.Module):
         self._last = None
         self._result_names = None
         self._schema = None
-        self._meta = None
+        self._meta = call_meta(self.layout, self._unknown_groups, self._param_groups)
         self._token = register(self)
 
     # ------------------------------------------------------------------ introspection
@@ -311,14 +319,13 @@ class ImplicitLayer(torch.nn.Module):
         if y0 is not None and not isinstance(y0, torch.Tensor):
             y0 = torch.from_numpy(self._initial(y0, B))  # a dict by group, an array or a list
         meta = self._meta
-        if meta is None:
-            meta = self._meta = call_meta(self.layout, self._unknown_groups, self._param_groups)
         k = len(meta[1])
-        outs = ImplicitFunction.apply(self._token, meta, y0, *tensors)
+        fn = CompilableImplicitFunction if torch.compiler.is_compiling() else ImplicitFunction
+        outs = fn.apply(self._token, meta, y0, *tensors)
         result = outs[0] if k == 1 else outs[:k]
         if return_info:
-            names = self._result_names or self._result_schema()[0]
-            res = dict(zip(names, outs[k:]))
+            # the dataclass fields come first, in order (function.result_names)
+            res = dict(zip(RESULT_FIELDS, outs[k:]))
             # status is copied: the backward reads the result's status (which samples get a gradient)
             info = SolveInfo(res["status"].clone(), res["iterations"], res["residual_norm"])
             return result, info

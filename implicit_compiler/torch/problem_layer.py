@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import InputError
 from ..runtime.kernels import SolveResult
 from ..runtime.problem_kernels import ProblemKernels
+from .function import call_meta
 from .module import ImplicitLayer
 from .shapes import to_numpy
 
@@ -50,6 +51,7 @@ class ProblemLayer(ImplicitLayer):
         groups = self.layout["unknown_groups"]
         self._variable_groups = [g for g in groups if g["offset"] < nv]
         self._unknown_groups = groups if return_multipliers else self._variable_groups
+        self._meta = call_meta(self.layout, self._unknown_groups, self._param_groups)
         self._default_y0 = self._default_y0[:nv]
         self.return_multipliers = return_multipliers
         self.warn_weakly_active = warn_weakly_active
