@@ -12,6 +12,7 @@ by reference, so a fresh process must be able to import it.
 
 import numpy as np
 import sympy as sp
+import torch
 
 import implicit_compiler as ic
 from tests.conftest import appendix_system
@@ -62,5 +63,24 @@ def qp_ref(q, h):
     return np.minimum(-q, h), np.where(active, 0.0, -1.0), np.where(active, 1.0, 0.0)
 
 
-__all__ = ["appendix_system", "appendix_ref", "two_system", "two_v", "cos_system", "qp_problem", "qp_projection",
-           "qp_ref", "N_QP"]
+APPENDIX_Y0 = torch.tensor([1.0, 1.5], dtype=torch.float64)
+
+
+class AppendixModel(torch.nn.Module):
+    """x -> Linear -> appendix layer -> weighted sum: a model with learned weights around a layer."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.lin = torch.nn.Linear(1, 1, dtype=torch.float64)
+        with torch.no_grad():
+            self.lin.weight.fill_(0.5)
+            self.lin.bias.fill_(0.5)
+        self.layer = layer
+
+    def forward(self, x):
+        y = self.layer(self.lin(x), y0=APPENDIX_Y0)
+        return (y * torch.tensor([1.0, 2.0], dtype=torch.float64)).sum(-1)
+
+
+__all__ = ["AppendixModel", "APPENDIX_Y0", "appendix_system", "appendix_ref", "two_system", "two_v", "cos_system",
+           "qp_problem", "qp_projection", "qp_ref", "N_QP"]

@@ -9,7 +9,7 @@ import torch._dynamo.testing
 
 import implicit_compiler as ic
 from implicit_compiler.errors import ImplicitCompilerError
-from tests.torch.pt_systems import appendix_ref, qp_problem, qp_ref, two_system
+from tests.torch.pt_systems import AppendixModel, appendix_ref, qp_problem, qp_ref, two_system
 
 Y0 = torch.tensor([1.0, 1.5], dtype=torch.float64)
 
@@ -34,20 +34,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-class AppendixModel(torch.nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.lin = torch.nn.Linear(1, 1, dtype=torch.float64)
-        with torch.no_grad():
-            self.lin.weight.fill_(0.5)
-            self.lin.bias.fill_(0.5)
-        self.layer = layer
-
-    def forward(self, x):
-        y = self.layer(self.lin(x), y0=Y0)
-        return (y * torch.tensor([1.0, 2.0], dtype=torch.float64)).sum(-1)
 
 
 def one_graph(model):
