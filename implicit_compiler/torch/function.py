@@ -121,6 +121,27 @@ def tensors_to_result(tensors, names) -> SolveResult:
 
 
 # ---------------------------------------------------------------------------------------------------
+# when the operators' implementations can be called directly
+
+_is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
+
+
+def direct(tensors) -> bool:
+    """True for real tensors outside ``torch.compile``, torch.func transforms and dispatch modes:
+    there an operator call is its implementation's call plus the dispatcher's custom-op path
+    (argument binding, autograd and Dynamo wrappers: about 0.1 ms per call, several times the
+    whole solve of a small batch), so the implementation is called directly. Anywhere else
+    (fake tensors, vmap's batched tensors, a tracing mode) the operator is called."""
+    if torch.compiler.is_compiling() or _is_wrapped is None or _dispatch_modes is None or _dispatch_modes():
+        return False
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or _is_wrapped(t)):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------
 # the forward operator
 
 
@@ -196,11 +217,8 @@ def _solve_vmap(info, in_dims, token, params, y0):
 # the backward operator
 
 
-@torch.library.custom_op("implicit_compiler::vjp", mutates_args=())
-def vjp_op(token: str, result: list[torch.Tensor], ybar: torch.Tensor, need: list[bool]) -> torch.Tensor:
-    """Per-sample ``thetabar`` ``(B, m)`` for the upstream gradient ``ybar`` ``(B, n)`` (float64):
-    ``-(dF/dtheta)^T (dF/dy)^{-T} ybar`` for converged samples, zero (``on_failure='nan'``: NaN) for
-    the others; the columns of groups with ``need[g]`` False are unspecified."""
+def _vjp(token: str, result: list[torch.Tensor], ybar: torch.Tensor, need: list[bool]) -> torch.Tensor:
+    """The implementation of :func:`vjp_op`."""
     layer = _layer(token)
     res = tensors_to_result(result, layer._result_names)
     Ybar = np.ascontiguousarray(ybar.numpy(), dtype=np.float64)
@@ -209,6 +227,14 @@ def vjp_op(token: str, result: list[torch.Tensor], ybar: torch.Tensor, need: lis
     if options.on_failure == "nan":
         pbar[res.status != st.CONVERGED] = np.nan
     return torch.from_numpy(pbar)
+
+
+@torch.library.custom_op("implicit_compiler::vjp", mutates_args=())
+def vjp_op(token: str, result: list[torch.Tensor], ybar: torch.Tensor, need: list[bool]) -> torch.Tensor:
+    """Per-sample ``thetabar`` ``(B, m)`` for the upstream gradient ``ybar`` ``(B, n)`` (float64):
+    ``-(dF/dtheta)^T (dF/dy)^{-T} ybar`` for converged samples, zero (``on_failure='nan'``: NaN) for
+    the others; the columns of groups with ``need[g]`` False are unspecified."""
+    return _vjp(token, result, ybar, need)
 
 
 @vjp_op.register_fake
@@ -230,6 +256,55 @@ def _vjp_vmap(info, in_dims, token, result, ybar, need):
 
 # ---------------------------------------------------------------------------------------------------
 # the autograd Function
+
+
+def param_grads(meta, grads, params, flags, yshape, thetabar) -> list:
+    """The parameters' gradients from the outputs' ``grads``: ``ybar`` ``(B, n)`` assembled from
+    the output groups, ``thetabar(ybar)`` the per-sample ``(B, m)`` VJP, split into the groups
+    (summed over the batch for groups shared by it, or given with a batch of 1)."""
+    name, outs, pgroups = meta
+    k = len(outs)
+    B, n = yshape
+    gr = grads[0]
+    if k == 1 and gr is not None and outs[0][1] == n:
+        # one output covering y: its gradient is ybar
+        ybar = gr.detach().reshape(B, n)
+        if ybar.dtype != torch.float64 or ybar.device.type != "cpu":
+            ybar = ybar.to(dtype=torch.float64, device="cpu")
+    else:
+        # one column block per output (zeros where an output got no gradient, and for the
+        # multipliers of a problem layer that does not return them)
+        cols = []
+        pos = 0
+        for (off, size), g in sorted(zip(outs, grads[:k]), key=lambda e: e[0][0]):
+            if off > pos:
+                cols.append(torch.zeros((B, off - pos), dtype=torch.float64))
+            if g is None:
+                cols.append(torch.zeros((B, size), dtype=torch.float64))
+            else:
+                cols.append(g.detach().reshape(B, size).to(dtype=torch.float64, device="cpu"))
+            pos = off + size
+        if pos < n:
+            cols.append(torch.zeros((B, n - pos), dtype=torch.float64))
+        ybar = cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
+    pbar = thetabar(ybar)
+    out = []
+    for (off, size, ndim), t, need in zip(pgroups, params, flags):
+        if not need:
+            out.append(None)
+            continue
+        blk = pbar if size == pbar.shape[1] else pbar[:, off:off + size]
+        if t.dim() == ndim + 1 and t.shape[0] == B:
+            gt = blk.reshape(t.shape)
+        else:  # shared by the batch, or a batch of 1 broadcast over it
+            gt = blk.sum(dim=0).reshape(t.shape)
+        if gt.dtype != t.dtype or t.device.type != "cpu":
+            gt = gt.to(dtype=t.dtype, device=t.device)
+        out.append(gt)
+    if torch.is_grad_enabled():
+        # create_graph=True: these gradients would be differentiated again
+        out = SecondOrderUnsupported.wrap(name, params, out)
+    return out
 
 
 def call_meta(layout: dict, unknown_groups, param_groups) -> tuple:
@@ -254,6 +329,8 @@ class CompilableImplicitFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(token, meta, y0, *params):
+        if direct(params) and direct((y0,)):
+            return tuple(_layer(token)._solve_tensors(params, y0))
         return tuple(solve_op(token, list(params), y0))
 
     @staticmethod
@@ -278,58 +355,18 @@ class CompilableImplicitFunction(torch.autograd.Function):
     def backward(ctx, *grads):
         # Unpacking raises torch's "modified by an inplace operation" error when a
         # parameter tensor changed in place (its version counter moved) since the forward.
-        name, outs, pgroups = ctx.meta
         saved = ctx.saved_tensors
-        k, npar = len(outs), len(pgroups)
+        npar = len(ctx.meta[2])
         params, result = saved[:npar], saved[npar:]
         flags = ctx.needs_input_grad[3:]
-        nothing = (None, None, None)
         if not any(flags):
-            return (*nothing, *(None,) * len(flags))
-        Y = result[0]
-        B, n = Y.shape
-        gr = grads[0]
-        if k == 1 and gr is not None and outs[0][1] == n:
-            # one output covering y: its gradient is ybar
-            ybar = gr.detach().reshape(B, n)
-            if ybar.dtype != torch.float64 or ybar.device.type != "cpu":
-                ybar = ybar.to(dtype=torch.float64, device="cpu")
-        else:
-            # one column block per output (zeros where an output got no gradient, and for the
-            # multipliers of a problem layer that does not return them)
-            cols = []
-            pos = 0
-            for (off, size), g in sorted(zip(outs, grads[:k]), key=lambda e: e[0][0]):
-                if off > pos:
-                    cols.append(Y.new_zeros((B, off - pos)))
-                if g is None:
-                    cols.append(Y.new_zeros((B, size)))
-                else:
-                    cols.append(g.detach().reshape(B, size).to(dtype=torch.float64, device="cpu"))
-                pos = off + size
-            if pos < n:
-                cols.append(Y.new_zeros((B, n - pos)))
-            ybar = cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
-        pbar = vjp_op(ctx.token, list(result), ybar, list(flags))
-        out = []
-        for (off, size, ndim), t, need in zip(pgroups, params, flags):
-            if not need:
-                out.append(None)
-                continue
-            blk = pbar if size == pbar.shape[1] else pbar[:, off:off + size]
-            if t.dim() == ndim + 1 and t.shape[0] == B:
-                gt = blk.reshape(t.shape)
-            else:  # shared by the batch, or a batch of 1 broadcast over it
-                gt = blk.sum(dim=0).reshape(t.shape)
-            if gt.dtype != t.dtype or t.device.type != "cpu":
-                gt = gt.to(dtype=t.dtype, device=t.device)
-            out.append(gt)
-        if torch.is_grad_enabled():
-            # create_graph=True: these gradients would be differentiated again
-            out = SecondOrderUnsupported.wrap(name, params, out)
-        return (*nothing, *out)
+            return (None,) * (3 + len(flags))
 
+        def thetabar(ybar):
+            vjp = _vjp if direct(result) and direct((ybar,)) else vjp_op
+            return vjp(ctx.token, list(result), ybar, list(flags))
 
+        return (None, None, None, *param_grads(ctx.meta, grads, params, flags, result[0].shape, thetabar))
 
 
 class ImplicitFunction(CompilableImplicitFunction):
@@ -344,6 +381,68 @@ class ImplicitFunction(CompilableImplicitFunction):
             f"(torch.func.jvp, torch.func.jacfwd, torch.autograd.forward_ad): use reverse mode instead "
             f"(torch.func.vjp, torch.func.jacrev, torch.func.grad or loss.backward()), which is exact"
         )
+
+
+class EagerImplicitFunction(torch.autograd.Function):
+    """:class:`ImplicitFunction` in the ``forward(ctx, ...)`` style, applied when no torch.func
+    transform is active and nothing is being compiled. ``apply(token, meta, info, y0, *params)``
+    returns the group outputs only (with ``info``, then status, iterations and residual norms),
+    and keeps the :class:`SolveResult` on the context instead of as saved tensors: each output of
+    an ``autograd.Function`` and ``Function.apply`` of the ``setup_context`` style (which binds
+    the arguments with :mod:`inspect`) cost microseconds, together as much as the solve of a
+    small batch. The same solve, backward and forward-mode rule."""
+
+    @staticmethod
+    def forward(ctx, token, meta, info, y0, *params):
+        layer = _layer(token)
+        k = len(meta[1])
+        if direct(params) and direct((y0,)):
+            outs, res = layer._solve_tensors(params, y0, with_result=True)
+        else:  # a dispatch mode is active: through the operator, so that it sees the call
+            outs = solve_op(token, list(params), y0)
+            res = tensors_to_result(outs[k:], layer._result_names)
+        ctx.save_for_backward(*params)
+        ctx.token = token
+        ctx.meta = meta
+        ctx.res = res
+        outs = outs[:k]
+        if info:
+            # status is copied: the backward reads res.status (which samples get a gradient)
+            extra = (torch.from_numpy(res.status.copy()), torch.from_numpy(res.iterations),
+                     torch.from_numpy(np.ascontiguousarray(res.residual_norm)))
+            ctx.mark_non_differentiable(*extra)
+            outs = [*outs, *extra]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        params = ctx.saved_tensors  # raises if a parameter was modified in place since the forward
+        flags = ctx.needs_input_grad[4:]
+        if not any(flags):
+            return (None,) * (4 + len(flags))
+        res = ctx.res
+        layer = _layer(ctx.token)
+
+        def thetabar(ybar):
+            options = layer.options
+            pbar = layer.kernels.vjp(res, np.ascontiguousarray(ybar.numpy()), np.array(flags, dtype=np.bool_),
+                                     options.parallel_threshold)
+            if options.on_failure == "nan":
+                pbar[res.status != st.CONVERGED] = np.nan
+            return torch.from_numpy(pbar)
+
+        return (None, None, None, None, *param_grads(ctx.meta, grads, params, flags, res.y.shape, thetabar))
+
+    jvp = ImplicitFunction.jvp
+
+
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
+def eager_call() -> bool:
+    """Whether a layer call applies :class:`EagerImplicitFunction`: not while Dynamo traces
+    (:class:`CompilableImplicitFunction`), nor under torch.func transforms (:class:`ImplicitFunction`)."""
+    return not torch.compiler.is_compiling() and _functorch_active is not None and not _functorch_active()
 
 
 class SecondOrderUnsupported(torch.autograd.Function):

@@ -17,8 +17,10 @@ from ..runtime.options import SolverOptions
 from .function import (
     RESULT_FIELDS,
     CompilableImplicitFunction,
+    EagerImplicitFunction,
     ImplicitFunction,
     call_meta,
+    eager_call,
     register,
     result_names,
     result_to_tensors,
@@ -320,24 +322,33 @@ class ImplicitLayer(torch.nn.Module):
             y0 = torch.from_numpy(self._initial(y0, B))  # a dict by group, an array or a list
         meta = self._meta
         k = len(meta[1])
-        fn = CompilableImplicitFunction if torch.compiler.is_compiling() else ImplicitFunction
-        outs = fn.apply(self._token, meta, y0, *tensors)
+        if eager_call():
+            outs = EagerImplicitFunction.apply(self._token, meta, return_info, y0, *tensors)
+            status, iterations, residual_norm = outs[k:k + 3] if return_info else (None, None, None)
+        else:
+            fn = CompilableImplicitFunction if torch.compiler.is_compiling() else ImplicitFunction
+            outs = fn.apply(self._token, meta, y0, *tensors)
+            if return_info:
+                # the result's tensors follow the outputs, the dataclass fields first (function.result_names);
+                # status is copied: the backward reads the result's status (which samples get a gradient)
+                res = dict(zip(RESULT_FIELDS, outs[k:]))
+                status, iterations, residual_norm = res["status"].clone(), res["iterations"], res["residual_norm"]
         result = outs[0] if k == 1 else outs[:k]
         if return_info:
-            # the dataclass fields come first, in order (function.result_names)
-            res = dict(zip(RESULT_FIELDS, outs[k:]))
-            # status is copied: the backward reads the result's status (which samples get a gradient)
-            info = SolveInfo(res["status"].clone(), res["iterations"], res["residual_norm"])
-            return result, info
+            return result, SolveInfo(status, iterations, residual_norm)
         return result
 
-    def _solve_tensors(self, params, y0) -> list:
+    def _solve_tensors(self, params, y0, with_result: bool = False):
         """The implementation of the ``implicit_compiler::solve`` operator: the group outputs,
-        then the arrays of the :class:`SolveResult` (``result_names`` order)."""
+        then the arrays of the :class:`SolveResult` (``result_names`` order); with
+        ``with_result``, ``(the group outputs, the SolveResult)``."""
         call = self._call(list(params), y0)
         res = call.run()
         names = result_names(res)
-        self._result_names = names
+        if names != self._result_names:
+            self._result_names = names
+        if with_result:
+            return list(call.outputs(res.y)), res
         return [*call.outputs(res.y), *result_to_tensors(res, names)]
 
     def _probe(self) -> SolveResult:
