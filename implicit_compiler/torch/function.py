@@ -424,6 +424,8 @@ class EagerImplicitFunction(torch.autograd.Function):
         layer = _layer(ctx.token)
 
         def thetabar(ybar):
+            if not direct((ybar,)):  # a dispatch mode is active: through the operator
+                return vjp_op(ctx.token, result_to_tensors(res, layer._result_names), ybar, list(flags))
             options = layer.options
             pbar = layer.kernels.vjp(res, np.ascontiguousarray(ybar.numpy()), np.array(flags, dtype=np.bool_),
                                      options.parallel_threshold)

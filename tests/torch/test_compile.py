@@ -134,3 +134,36 @@ def test_torch_jit_script_points_to_torch_compile(appendix_layer):
     with pytest.raises(ImplicitCompilerError, match=r"torch.jit.script cannot compile the implicit layer 'appendix'.*"
                                                     r"Use torch.compile\(model\)"):
         torch.jit.script(appendix_layer)
+
+
+def test_operators_pass_opcheck(appendix_layer, two_layer, qp_layer):
+    # schema, fake (meta) implementation against the real one, and AOT tracing with dynamic shapes
+    from implicit_compiler.torch.function import solve_op, vjp_op
+
+    x = torch.tensor([[0.9], [1.1]], dtype=torch.float64)
+    torch.library.opcheck(solve_op, (appendix_layer._token, [x], Y0))
+    outs = solve_op(appendix_layer._token, [x], Y0)
+    torch.library.opcheck(vjp_op, (appendix_layer._token, outs[1:], torch.ones(2, 2, dtype=torch.float64), [True]))
+    a = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)
+    b = torch.tensor(0.5, dtype=torch.float64)
+    torch.library.opcheck(solve_op, (two_layer._token, [a, b, a.float()], None))  # shared group, float32 group
+    q = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64)
+    torch.library.opcheck(solve_op, (qp_layer._token, [q, torch.zeros(3, dtype=torch.float64)], None))
+
+
+def test_dynamic_batch_sizes_compile_once(appendix_layer):
+    model = AppendixModel(appendix_layer)
+    cnt = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=cnt)
+    for B in (3, 5, 7):  # (B = 2 would be duck-sized to y0's 2 entries)
+        x = torch.linspace(0.6, 1.4, B, dtype=torch.float64).reshape(B, 1).requires_grad_()
+        out = compiled(x)
+        out.sum().backward()
+        g = x.grad.clone()
+        x.grad = None
+        model(x).sum().backward()
+        torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+        torch.testing.assert_close(g, x.grad, rtol=0, atol=1e-15)
+        z = 0.5 * x.detach().numpy()[:, 0] + 0.5
+        np.testing.assert_allclose(out.detach().numpy(), appendix_ref(z)[0] @ [1.0, 2.0], rtol=1e-10)
+    assert cnt.frame_count == 1

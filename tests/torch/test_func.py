@@ -129,6 +129,40 @@ def test_vmap_with_per_call_initial_guess(appendix_layer, monkeypatch):
     np.testing.assert_allclose(y.numpy(), [yr, yr * [1, -1]], rtol=TOL)
 
 
+def test_dispatch_modes_see_the_operators_and_get_the_same_results(two_layer):
+    # outside transforms and modes the layer calls the operators' implementations directly; under a
+    # dispatch mode it calls the operators, with the same values and gradients
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def run():
+        a = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, requires_grad=True)
+        b = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+        c = torch.tensor([0.3, 5.0, -1.0], dtype=torch.float32, requires_grad=True)
+        u, v = two_layer(a, b, c)
+        (u * 2 + v).sum().backward()
+        return [u, v, a.grad, b.grad, c.grad]
+
+    direct = run()
+    with Ops() as mode:
+        through_ops = run()
+    assert "implicit_compiler.solve.default" in mode.names and "implicit_compiler.vjp.default" in mode.names
+    for x, y in zip(direct, through_ops):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert direct[1].dtype == torch.float64 and direct[4].dtype == torch.float32  # promoted outputs, own-dtype grads
+    v = two_v(np.float32([0.3, 5.0, -1.0]).astype(np.float64))
+    np.testing.assert_allclose(direct[1].detach().numpy(), v, rtol=1e-10)
+    np.testing.assert_allclose(direct[4].numpy(), 1 / (3 * v**2 + 1), rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------
 # grad, jacrev, vjp
 
