@@ -56,6 +56,7 @@ The backward has no derivative of its own yet: when it runs with
 from __future__ import annotations
 
 import itertools
+import re
 import weakref
 from dataclasses import fields
 from types import SimpleNamespace
@@ -68,6 +69,10 @@ from ..errors import ImplicitCompilerError
 from ..runtime import status as st
 from ..runtime.kernels import SolveResult
 from .shapes import batch_size
+
+# The operators' namespace: this package's, or a standalone export's own (an export inlines this
+# module, and may be imported next to the package: the two must not register the same operator).
+_NS = "implicit_compiler" if __name__ == "implicit_compiler.torch.function" else "ic_" + re.sub(r"\W", "_", __name__)
 
 # ---------------------------------------------------------------------------------------------------
 # layers by token: the operators' arguments are tensors, numbers and strings only
@@ -145,7 +150,7 @@ def direct(tensors) -> bool:
 # the forward operator
 
 
-@torch.library.custom_op("implicit_compiler::solve", mutates_args=())
+@torch.library.custom_op(f"{_NS}::solve", mutates_args=())
 def solve_op(token: str, params: list[torch.Tensor], y0: Optional[torch.Tensor]) -> list[torch.Tensor]:  # noqa: UP045
     """``[*group outputs, *SolveResult arrays]`` of one batched solve (see ``ImplicitLayer._solve_tensors``)."""
     return _layer(token)._solve_tensors(params, y0)
@@ -229,7 +234,7 @@ def _vjp(token: str, result: list[torch.Tensor], ybar: torch.Tensor, need: list[
     return torch.from_numpy(pbar)
 
 
-@torch.library.custom_op("implicit_compiler::vjp", mutates_args=())
+@torch.library.custom_op(f"{_NS}::vjp", mutates_args=())
 def vjp_op(token: str, result: list[torch.Tensor], ybar: torch.Tensor, need: list[bool]) -> torch.Tensor:
     """Per-sample ``thetabar`` ``(B, m)`` for the upstream gradient ``ybar`` ``(B, n)`` (float64):
     ``-(dF/dtheta)^T (dF/dy)^{-T} ybar`` for converged samples, zero (``on_failure='nan'``: NaN) for

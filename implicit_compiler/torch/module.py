@@ -391,6 +391,12 @@ class ImplicitLayer(torch.nn.Module):
         return new
 
     def __getstate__(self):
+        if _MODULE_LOADER is None:
+            raise ImplicitCompilerError(
+                f"the layer {self.layout['name']!r} of a standalone export cannot be pickled: loading it needs the "
+                f"implicit_compiler package's kernel cache. Save the model's state_dict instead (the layer has no "
+                f"weights) and build the model around the export again when loading"
+            )
         state = self.__dict__.copy()
         del state["_token"]
         kernels = state.pop("kernels")
@@ -418,11 +424,10 @@ class ImplicitLayer(torch.nn.Module):
         except OSError as e:
             raise ImplicitCompilerError(f"the layer {name!r} cannot be pickled: its generated module {path} "
                                         f"cannot be read ({e})") from None
-        loader = _MODULE_LOADER
         state["_kernels_spec"] = {
             "file": path.name,
             "source": source,
-            "toolchain": loader.toolchain() if loader is not None else None,
+            "toolchain": _MODULE_LOADER.toolchain(),
             "kwargs": kwargs,
         }
         return state

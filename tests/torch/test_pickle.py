@@ -229,3 +229,20 @@ def test_fresh_process_with_a_cache_directory_that_does_not_exist(models, tmp_pa
                                                                                    else "appendix_model"])
         for a, b in zip(result[0] + result[1], ref[0] + ref[1]):
             torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+def test_standalone_export_next_to_the_package(appendix_layer, tmp_path, monkeypatch):
+    # an export inlines the torch boundary: its operators get their own namespace (no clash with the
+    # package's), it works under torch.func, and pickling its layer is a clear error
+    import importlib
+
+    path = ic.export_layer(appendix_layer, tmp_path / "appendix_export.py")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = importlib.import_module(Path(path).stem)
+    y0 = torch.tensor([1.0, 1.5], dtype=torch.float64)
+    x = torch.tensor([[0.9], [1.1]], dtype=torch.float64)
+    torch.testing.assert_close(m.layer(x, y0=y0), appendix_layer(x, y0=y0), rtol=0, atol=0)
+    yv = torch.func.vmap(lambda t: m.layer(t, y0=y0))(x)
+    np.testing.assert_allclose(yv.numpy(), appendix_ref(x.numpy()[:, 0])[0], rtol=1e-10)
+    with pytest.raises(m.ImplicitCompilerError, match="of a standalone export cannot be pickled.*state_dict"):
+        pickle.dumps(m.layer)
