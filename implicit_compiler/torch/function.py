@@ -204,7 +204,7 @@ def _solve_vmap(info, in_dims, token, params, y0):
     if y0 is not None:
         n = y0.shape[-1]
         ylog = y0.dim() - (ydim is not None)
-        if ydim is not None or (ylog == 2 and B > 1):
+        if ydim is not None or ylog == 2:  # per-sample starts: one per sample of the folded batch
             y0 = _fold(y0, ydim, V, B, ylog == 2, (n,))
     outs = solve_op(token, flat, y0)
     k = len(layer._unknown_groups)

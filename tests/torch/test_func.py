@@ -127,6 +127,10 @@ def test_vmap_with_per_call_initial_guess(appendix_layer, monkeypatch):
     assert calls.solves == [2]
     yr = appendix_ref(0.9)[0]
     np.testing.assert_allclose(y.numpy(), [yr, yr * [1, -1]], rtol=TOL)
+    # a (1, n) start of a batch-1 call, not vmapped: every vmapped call starts there
+    y = vmap(lambda x: appendix_layer(x.reshape(1, 1), y0=y0s[1:]))(xs)
+    assert y.shape == (2, 1, 2) and calls.solves == [2, 2]
+    np.testing.assert_allclose(y[:, 0].numpy(), [yr * [1, -1]] * 2, rtol=TOL)
 
 
 def test_dispatch_modes_see_the_operators_and_get_the_same_results(two_layer):
