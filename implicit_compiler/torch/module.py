@@ -2,18 +2,40 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import ConvergenceError, InputError
+from ..errors import ConvergenceError, ImplicitCompilerError, InputError
 from ..runtime import status as st
 from ..runtime.kernels import Kernels, SolveResult
 from ..runtime.options import SolverOptions
-from .function import ImplicitFunction
+from .function import (
+    RESULT_FIELDS,
+    CompilableImplicitFunction,
+    EagerImplicitFunction,
+    ImplicitFunction,
+    call_meta,
+    eager_call,
+    register,
+    result_names,
+    result_to_tensors,
+)
 from .shapes import _describe, as_array, batch_size, check_finite_dtype, check_tensor, pack, to_numpy
+
+# How a pickled layer finds its generated module again: set by ``implicit_compiler.compiler``
+# (which owns the kernel cache) when the package is imported. An object with ``toolchain()``
+# (the hash of what generated code depends on) and ``load(spec, system)`` (the module).
+_MODULE_LOADER = None
+
+
+def set_module_loader(loader) -> None:
+    global _MODULE_LOADER
+    _MODULE_LOADER = loader
 
 
 @dataclass
@@ -120,6 +142,10 @@ class ImplicitLayer(torch.nn.Module):
         self._param_names = [g["name"] for g in self._param_groups]
         self._default_y0 = np.asarray(self.layout["initial_guess"], dtype=np.float64)
         self._last = None
+        self._result_names = None
+        self._schema = None
+        self._meta = call_meta(self.layout, self._unknown_groups, self._param_groups)
+        self._token = register(self)
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -249,6 +275,11 @@ class ImplicitLayer(torch.nn.Module):
                 check_finite_dtype(t, what)
             else:  # the NumPy entry point: arrays, lists, Python numbers
                 tensors[i] = as_array(t, what)
+        return self._call(tensors, y0)
+
+    def _call(self, tensors, y0) -> _Call:
+        """The :class:`_Call` for checked arguments (one per parameter group)."""
+        groups = self._param_groups
         B, batched = batch_size(groups, tensors, "parameter group")
         call = _Call()
         call.kernels = self.kernels
@@ -275,16 +306,146 @@ class ImplicitLayer(torch.nn.Module):
         return call
 
     def forward(self, *args, y0=None, return_info: bool = False, **kwargs):
-        call = self._prepare(args, kwargs, y0)
-        outs = ImplicitFunction.apply(call, *call.params)
-        result = outs[0] if len(outs) == 1 else outs
+        if torch.jit.is_tracing():
+            raise ImplicitCompilerError(
+                f"torch.jit.trace cannot record the implicit layer {self.layout['name']!r}: its forward pass is "
+                f"an iterative solve in generated Numba kernels, not TorchScript operations. Use "
+                f"torch.compile(model) (fullgraph=True works) instead of torch.jit"
+            )
+        groups = self._param_groups
+        tensors = list(args) if not kwargs and len(args) == len(groups) else self._bind(args, kwargs)
+        for g, t in zip(groups, tensors):
+            if not (isinstance(t, torch.Tensor) and t.dtype.is_floating_point):
+                check_tensor(t, f"parameter group {g['name']!r}")
+        B, _ = batch_size(groups, tensors, "parameter group")
+        if y0 is not None and not isinstance(y0, torch.Tensor):
+            y0 = torch.from_numpy(self._initial(y0, B))  # a dict by group, an array or a list
+        meta = self._meta
+        k = len(meta[1])
+        if eager_call():
+            outs = EagerImplicitFunction.apply(self._token, meta, return_info, y0, *tensors)
+            status, iterations, residual_norm = outs[k:k + 3] if return_info else (None, None, None)
+        else:
+            fn = CompilableImplicitFunction if torch.compiler.is_compiling() else ImplicitFunction
+            outs = fn.apply(self._token, meta, y0, *tensors)
+            if return_info:
+                # the result's tensors follow the outputs, the dataclass fields first (function.result_names);
+                # status is copied: the backward reads the result's status (which samples get a gradient)
+                res = dict(zip(RESULT_FIELDS, outs[k:]))
+                status, iterations, residual_norm = res["status"].clone(), res["iterations"], res["residual_norm"]
+        result = outs[0] if k == 1 else outs[:k]
         if return_info:
-            res = call.result
-            # status is copied: the backward reads res.status (which samples get a gradient)
-            info = SolveInfo(torch.from_numpy(res.status.copy()), torch.from_numpy(res.iterations),
-                             torch.from_numpy(res.residual_norm))
-            return result, info
+            return result, SolveInfo(status, iterations, residual_norm)
         return result
+
+    def _solve_tensors(self, params, y0, with_result: bool = False):
+        """The implementation of the ``implicit_compiler::solve`` operator: the group outputs,
+        then the arrays of the :class:`SolveResult` (``result_names`` order); with
+        ``with_result``, ``(the group outputs, the SolveResult)``."""
+        call = self._call(list(params), y0)
+        res = call.run()
+        names = result_names(res)
+        if names != self._result_names:
+            self._result_names = names
+        if with_result:
+            return list(call.outputs(res.y)), res
+        return [*call.outputs(res.y), *result_to_tensors(res, names)]
+
+    def _probe(self) -> SolveResult:
+        """A one-sample result (zero iterations) showing the arrays a solve returns."""
+        k = self.kernels
+        return k.solve(np.zeros((1, k.m)), np.zeros((1, k.n)), self.options.replace(max_iter=0))
+
+    def _result_schema(self) -> tuple:
+        """``(names, [(shape without the batch, dtype), ...])`` of the solve result's arrays."""
+        if self._schema is None:
+            res = self._probe()
+            names = result_names(res)
+            self._schema = (names, [(tuple(getattr(res, n).shape[1:]), torch.from_numpy(getattr(res, n)).dtype)
+                                    for n in names])
+        return self._schema
+
+    def __prepare_scriptable__(self):
+        raise ImplicitCompilerError(
+            f"torch.jit.script cannot compile the implicit layer {self.layout['name']!r}: its forward pass runs "
+            f"generated Numba kernels. Use torch.compile(model) (fullgraph=True works) instead of torch.jit"
+        )
+
+    # ------------------------------------------------------------------ copying and pickling
+    def _kernel_kwargs(self) -> dict:
+        """Constructor arguments of this layer's kernels besides the module."""
+        return {}
+
+    def _make_kernels(self, module, kwargs: dict):
+        return Kernels(module)
+
+    def __deepcopy__(self, memo):
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        skip = ("kernels", "_token", "system")
+        state = {k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k not in skip}
+        state["system"] = self.system  # the symbolic definition is immutable: shared
+        state["kernels"] = self._make_kernels(self.kernels.module, self._kernel_kwargs())
+        new.__dict__.update(state)
+        new._token = register(new)
+        return new
+
+    def __getstate__(self):
+        if _MODULE_LOADER is None:
+            raise ImplicitCompilerError(
+                f"the layer {self.layout['name']!r} of a standalone export cannot be pickled: loading it needs the "
+                f"implicit_compiler package's kernel cache. Save the model's state_dict instead (the layer has no "
+                f"weights) and build the model around the export again when loading"
+            )
+        state = self.__dict__.copy()
+        del state["_token"]
+        kernels = state.pop("kernels")
+        name = self.layout["name"]
+        kwargs = self._kernel_kwargs()
+        for key, value in kwargs.items():
+            try:
+                pickle.dumps(value)
+            except Exception as e:
+                raise ImplicitCompilerError(
+                    f"the layer {name!r} cannot be pickled: its {key}= callable {value!r} cannot be pickled "
+                    f"({type(e).__name__}: {e}). Define it as a module-level function (not a lambda, closure or "
+                    f"local function), or pickle a model whose layer is compiled without {key}="
+                ) from None
+        system = self.system
+        if system is not None:
+            try:
+                pickle.dumps(system)
+            except Exception:
+                system = None  # the kernels come back from the module source; .derivation is then unavailable
+        state["system"] = system
+        path = Path(kernels.module.__file__)
+        try:
+            source = path.read_text()
+        except OSError as e:
+            raise ImplicitCompilerError(f"the layer {name!r} cannot be pickled: its generated module {path} "
+                                        f"cannot be read ({e})") from None
+        state["_kernels_spec"] = {
+            "file": path.name,
+            "source": source,
+            "toolchain": _MODULE_LOADER.toolchain(),
+            "kwargs": kwargs,
+        }
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        spec = state.pop("_kernels_spec")
+        loader = _MODULE_LOADER
+        if loader is None:
+            raise ImplicitCompilerError(
+                f"loading the implicit layer {state['layout']['name']!r} needs the implicit_compiler package "
+                f"(import implicit_compiler first): it writes the layer's generated module to the kernel cache"
+            )
+        module = loader.load(spec, state.get("system"))
+        state["kernels"] = self._make_kernels(module, spec["kwargs"])
+        state["layout"] = module.LAYOUT
+        super().__setstate__(state)
+        self._token = register(self)
 
     def solve(self, *args, y0=None, **kwargs) -> SolveResult:
         """NumPy entry point, no autograd: returns a :class:`SolveResult` and never

@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import InputError
 from ..runtime.kernels import SolveResult
 from ..runtime.problem_kernels import ProblemKernels
+from .function import call_meta
 from .module import ImplicitLayer
 from .shapes import to_numpy
 
@@ -50,6 +51,7 @@ class ProblemLayer(ImplicitLayer):
         groups = self.layout["unknown_groups"]
         self._variable_groups = [g for g in groups if g["offset"] < nv]
         self._unknown_groups = groups if return_multipliers else self._variable_groups
+        self._meta = call_meta(self.layout, self._unknown_groups, self._param_groups)
         self._default_y0 = self._default_y0[:nv]
         self.return_multipliers = return_multipliers
         self.warn_weakly_active = warn_weakly_active
@@ -75,6 +77,20 @@ class ProblemLayer(ImplicitLayer):
             )
         return {"return_multipliers": self.return_multipliers, "weak_tol": self.kernels.weak_tol,
                 "warn_weakly_active": self.warn_weakly_active}
+
+    def _kernel_kwargs(self) -> dict:
+        k = self.kernels
+        return {"forward": k.forward, "weak_tol": k.weak_tol, "kkt_tol": k.kkt_tol}
+
+    def _make_kernels(self, module, kwargs: dict):
+        return ProblemKernels(module, **kwargs)
+
+    def _probe(self) -> SolveResult:
+        k = self.kernels
+        opts = self.options.replace(max_iter=0)
+        if k.forward is not None:  # not the user's callable: the KKT check its results go through
+            return k.finalize(np.zeros((1, k.n)), np.zeros((1, k.m)), opts)
+        return k.solve(np.zeros((1, k.m)), np.zeros((1, k.nv)), opts)
 
     def _initial(self, y0, B: int) -> np.ndarray:
         nv = self.kernels.nv

@@ -54,7 +54,11 @@ def batch_size(groups, tensors, what: str) -> tuple[int, list[bool]]:
         return (1, [False]) if b is None else (b, [True])
     sizes = [group_batch(g, t, what) for g, t in zip(groups, tensors)]
     batched = [b is not None for b in sizes]
-    distinct = {b for b in sizes if b is not None and b != 1}
+    # a list, not a set: under torch.compile with dynamic shapes the sizes are SymInts (unhashable)
+    distinct = []
+    for b in sizes:
+        if b is not None and b != 1 and not any(b == d for d in distinct):
+            distinct.append(b)
     if len(distinct) > 1:
         detail = ", ".join(f"{g['name']}: {b}" for g, b in zip(groups, sizes) if b is not None)
         raise InputError(
@@ -62,7 +66,7 @@ def batch_size(groups, tensors, what: str) -> tuple[int, list[bool]]:
             f"(a batch of 1 broadcasts against any other)"
         )
     if distinct:
-        return distinct.pop(), batched
+        return distinct[0], batched
     return 1, batched
 
 

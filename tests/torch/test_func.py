@@ -1,0 +1,260 @@
+"""torch.func over implicit layers: vmap folds into the kernels' batch, grad and jacrev are exact,
+forward mode and second order raise clear errors. References: closed forms (tests/torch/pt_systems.py)
+and central finite differences."""
+
+import numpy as np
+import pytest
+import torch
+from torch.func import grad, jacfwd, jacrev, jvp, vjp, vmap
+
+import implicit_compiler as ic
+from tests.torch.pt_systems import appendix_ref, qp_problem, qp_ref, two_system, two_v
+
+Y0 = torch.tensor([1.0, 1.5], dtype=torch.float64)
+TOL = 1e-10  # Newton stops at ||F|| <= 1e-10: values and gradients agree with the closed forms to ~1e-11
+
+
+@pytest.fixture(scope="module")
+def two_layer():
+    return ic.compile(two_system())
+
+
+@pytest.fixture(scope="module")
+def qp_layer():
+    return ic.compile(qp_problem())
+
+
+class Calls:
+    """Records the batch size of every kernel solve / vjp of a layer."""
+
+    def __init__(self, layer, monkeypatch):
+        self.solves, self.vjps = [], []
+        k = layer.kernels
+        solve, vjp_ = k.solve, k.vjp
+
+        def counting_solve(P, Y0, options):
+            self.solves.append(P.shape[0])
+            return solve(P, Y0, options)
+
+        def counting_vjp(res, Ybar, need, threshold=32):
+            self.vjps.append(Ybar.shape[0])
+            return vjp_(res, Ybar, need, threshold)
+
+        monkeypatch.setattr(k, "solve", counting_solve)
+        monkeypatch.setattr(k, "vjp", counting_vjp)
+
+
+def fd_jacobian(f, x, eps=1e-6):
+    """Central differences of f (tensor -> tensor) at x, shape (*f(x).shape, *x.shape)."""
+    x = x.detach()
+    out = f(x)
+    J = torch.zeros(*out.shape, *x.shape, dtype=torch.float64)
+    flat = x.reshape(-1)
+    for i in range(flat.numel()):
+        e = torch.zeros_like(flat)
+        e[i] = eps
+        d = (f((flat + e).reshape(x.shape)) - f((flat - e).reshape(x.shape))) / (2 * eps)
+        J.reshape(*out.shape, -1)[..., i] = d
+    return J
+
+
+# ---------------------------------------------------------------------------------------------------
+# vmap
+
+
+def test_vmap_of_unbatched_calls_is_one_solve(appendix_layer, monkeypatch):
+    calls = Calls(appendix_layer, monkeypatch)
+    xs = torch.linspace(0.8, 1.25, 6, dtype=torch.float64).reshape(6, 1)
+    y = vmap(lambda x: appendix_layer(x, y0=Y0))(xs)
+    assert y.shape == (6, 2)
+    assert calls.solves == [6]
+    np.testing.assert_allclose(y.numpy(), appendix_ref(xs.numpy()[:, 0])[0], rtol=TOL)
+
+
+@pytest.mark.parametrize("in_dim", [0, 1])
+def test_vmap_of_batched_calls_folds_both_batches(appendix_layer, monkeypatch, in_dim):
+    calls = Calls(appendix_layer, monkeypatch)
+    x = torch.linspace(0.8, 1.25, 12, dtype=torch.float64).reshape(3, 4, 1)  # V = 3 calls of B = 4
+    xv = x if in_dim == 0 else x.transpose(0, 1).contiguous()
+    y = vmap(lambda t: appendix_layer(t, y0=Y0), in_dims=in_dim)(xv)
+    assert y.shape == (3, 4, 2)
+    assert calls.solves == [12]
+    np.testing.assert_allclose(y.numpy(), appendix_ref(x.numpy()[..., 0])[0], rtol=TOL)
+
+
+def test_vmap_with_shared_and_unvmapped_groups(two_layer, monkeypatch):
+    # a: vmapped (V = 2) and batched (B = 3); b: one value for everything; c: batched, not vmapped
+    calls = Calls(two_layer, monkeypatch)
+    a = torch.tensor([[1.0, 2.0, -1.5], [0.5, -3.0, 4.0]], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    c = torch.tensor([-2.0, 0.1, 30.0], dtype=torch.float64, requires_grad=True)
+    u, v = vmap(lambda t: two_layer(t, b, c))(a)
+    assert u.shape == v.shape == (2, 3)
+    assert calls.solves == [6]
+    np.testing.assert_allclose(u.detach().numpy(), a.detach().numpy() * 0.7, rtol=1e-13)
+    vr = two_v(c.detach().numpy())
+    np.testing.assert_allclose(v.detach().numpy(), np.broadcast_to(vr, (2, 3)), rtol=TOL)
+    w = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.25, -1.0]], dtype=torch.float64)
+    (w * u + (w + 1) * v).sum().backward()
+    assert calls.vjps == [6]
+    np.testing.assert_allclose(a.grad.numpy(), 0.7 * w.numpy(), rtol=1e-12)
+    assert b.grad.item() == pytest.approx((w * a.detach()).sum().item(), rel=1e-12)
+    np.testing.assert_allclose(c.grad.numpy(), (w.numpy() + 1).sum(0) / (3 * vr**2 + 1), rtol=TOL)
+
+
+def test_vmap_mixing_good_and_failed_samples(appendix_layer):
+    xs = torch.tensor([[0.9], [0.5], [1.1]], dtype=torch.float64)  # x = 0.5: no real root
+    with pytest.raises(ic.ConvergenceError, match=r"1 of 3 samples"):
+        vmap(lambda x: appendix_layer(x, y0=Y0))(xs)
+    appendix_layer.configure(on_failure="nan")
+    try:
+        y = vmap(lambda x: appendix_layer(x, y0=Y0))(xs)
+        g = vmap(grad(lambda x: appendix_layer(x, y0=Y0).sum()))(xs)
+    finally:
+        appendix_layer.configure(on_failure="raise")
+    assert torch.isnan(y[1]).all() and torch.isnan(g[1]).all()
+    yr, dr = appendix_ref([0.9, 1.1])
+    np.testing.assert_allclose(y[[0, 2]].numpy(), yr, rtol=TOL)
+    np.testing.assert_allclose(g[[0, 2], 0].numpy(), dr.sum(-1), rtol=TOL)
+
+
+def test_vmap_with_per_call_initial_guess(appendix_layer, monkeypatch):
+    # y0 vmapped with the parameter: a start near each of the two roots y2 = +-sqrt(...)
+    calls = Calls(appendix_layer, monkeypatch)
+    xs = torch.tensor([[0.9], [0.9]], dtype=torch.float64)
+    y0s = torch.tensor([[1.0, 1.5], [1.0, -1.5]], dtype=torch.float64)
+    y = vmap(lambda x, s: appendix_layer(x, y0=s))(xs, y0s)
+    assert calls.solves == [2]
+    yr = appendix_ref(0.9)[0]
+    np.testing.assert_allclose(y.numpy(), [yr, yr * [1, -1]], rtol=TOL)
+    # a (1, n) start of a batch-1 call, not vmapped: every vmapped call starts there
+    y = vmap(lambda x: appendix_layer(x.reshape(1, 1), y0=y0s[1:]))(xs)
+    assert y.shape == (2, 1, 2) and calls.solves == [2, 2]
+    np.testing.assert_allclose(y[:, 0].numpy(), [yr * [1, -1]] * 2, rtol=TOL)
+
+
+def test_dispatch_modes_see_the_operators_and_get_the_same_results(two_layer):
+    # outside transforms and modes the layer calls the operators' implementations directly; under a
+    # dispatch mode it calls the operators, with the same values and gradients
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def run():
+        a = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, requires_grad=True)
+        b = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+        c = torch.tensor([0.3, 5.0, -1.0], dtype=torch.float32, requires_grad=True)
+        u, v = two_layer(a, b, c)
+        (u * 2 + v).sum().backward()
+        return [u, v, a.grad, b.grad, c.grad]
+
+    direct = run()
+    with Ops() as mode:
+        through_ops = run()
+    assert "implicit_compiler.solve.default" in mode.names and "implicit_compiler.vjp.default" in mode.names
+    for x, y in zip(direct, through_ops):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert direct[1].dtype == torch.float64 and direct[4].dtype == torch.float32  # promoted outputs, own-dtype grads
+    v = two_v(np.float32([0.3, 5.0, -1.0]).astype(np.float64))
+    np.testing.assert_allclose(direct[1].detach().numpy(), v, rtol=1e-10)
+    np.testing.assert_allclose(direct[4].numpy(), 1 / (3 * v**2 + 1), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# grad, jacrev, vjp
+
+
+def test_jacrev_is_exact_and_one_vjp_call(appendix_layer, monkeypatch):
+    x = torch.tensor([[0.9], [1.0], [1.2]], dtype=torch.float64)
+    calls = Calls(appendix_layer, monkeypatch)
+    J = jacrev(lambda t: appendix_layer(t, y0=Y0))(x)
+    assert J.shape == (3, 2, 3, 1)
+    assert calls.solves == [3] and calls.vjps == [6 * 3]  # 6 basis vectors, folded into one VJP call
+    dr = appendix_ref(x.numpy()[:, 0])[1]
+    for i in range(3):
+        np.testing.assert_allclose(J[i, :, i, 0].numpy(), dr[i], rtol=TOL)
+        others = [j for j in range(3) if j != i]
+        assert (J[i, :, others, 0] == 0).all()
+    Jfd = fd_jacobian(lambda t: appendix_layer(t, y0=Y0), x)
+    torch.testing.assert_close(J, Jfd, rtol=0, atol=1e-7)
+
+
+def test_grad_and_per_sample_grads(appendix_layer):
+    xs = torch.tensor([[0.85], [1.05], [1.15]], dtype=torch.float64)
+    w = torch.tensor([2.0, -1.0], dtype=torch.float64)
+
+    def loss(x):
+        return (appendix_layer(x, y0=Y0) * w).sum()
+
+    g = grad(loss)(xs)
+    dr = appendix_ref(xs.numpy()[:, 0])[1]
+    np.testing.assert_allclose(g.numpy()[:, 0], dr @ w.numpy(), rtol=TOL)
+    per = vmap(grad(loss))(xs)  # one unbatched call per sample, folded
+    np.testing.assert_allclose(per.numpy(), g.numpy(), rtol=1e-13)
+    torch.testing.assert_close(g, fd_jacobian(loss, xs), rtol=0, atol=1e-7)
+
+
+def test_jacrev_of_several_groups(two_layer):
+    a = torch.tensor([1.5, -2.0], dtype=torch.float64)
+    b = torch.tensor([0.5, 3.0], dtype=torch.float64)
+    c = torch.tensor([0.2, -7.0], dtype=torch.float64)
+    (Ja, Jb, Jc) = jacrev(lambda a, b, c: torch.stack(two_layer(a, b, c)), argnums=(0, 1, 2))(a, b, c)
+    assert Ja.shape == (2, 2, 2)  # (u/v, sample, sample)
+    torch.testing.assert_close(Ja[0], torch.diag(b), rtol=0, atol=1e-14)
+    torch.testing.assert_close(Jb[0], torch.diag(a), rtol=0, atol=1e-14)
+    assert (Ja[1] == 0).all() and (Jc[0] == 0).all()
+    v = two_v(c.numpy())
+    np.testing.assert_allclose(np.diag(Jc[1].numpy()), 1 / (3 * v**2 + 1), rtol=TOL)
+    _, pull = vjp(lambda c: two_layer(a, b, c)[1], c)
+    np.testing.assert_allclose(pull(torch.ones(2, dtype=torch.float64))[0].numpy(), 1 / (3 * v**2 + 1), rtol=TOL)
+
+
+def test_jacrev_and_vmap_of_a_problem_layer(qp_layer, monkeypatch):
+    # constraints strictly active (h < -q) or inactive in each sample, mixed within samples
+    q = torch.tensor([[0.5, -1.0, 2.0], [-3.0, 0.2, -0.1], [1.0, 1.0, -1.0]], dtype=torch.float64)
+    h = torch.tensor([[0.0, 2.0, -3.0], [1.0, -1.0, 0.5], [-2.0, 0.0, 0.0]], dtype=torch.float64)
+    yr, dq, dh = qp_ref(q.numpy(), h.numpy())
+    calls = Calls(qp_layer, monkeypatch)
+    y = vmap(qp_layer)(q, h)  # three unbatched calls
+    assert calls.solves == [3]
+    np.testing.assert_allclose(y.numpy(), yr, atol=1e-8)
+    Jq, Jh = jacrev(qp_layer, argnums=(0, 1))(q, h)
+    assert Jq.shape == (3, 3, 3, 3)
+    for i in range(3):
+        np.testing.assert_allclose(Jq[i, :, i, :].numpy(), np.diag(dq[i]), atol=1e-7)
+        np.testing.assert_allclose(Jh[i, :, i, :].numpy(), np.diag(dh[i]), atol=1e-7)
+    torch.testing.assert_close(Jq, fd_jacobian(lambda t: qp_layer(t, h), q), rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# what is not supported raises, naming the layer
+
+
+# torch.func.jvp imports torch's jvp decompositions, which call the deprecated torch.jit.script
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_forward_mode_is_a_clear_error(appendix_layer):
+    x = torch.tensor([[0.9]], dtype=torch.float64)
+    msg = "forward-mode derivatives through the implicit layer 'appendix' are not supported yet"
+    with pytest.raises(NotImplementedError, match=msg):
+        jvp(lambda t: appendix_layer(t, y0=Y0), (x,), (torch.ones_like(x),))
+    with pytest.raises(NotImplementedError, match=msg):
+        jacfwd(lambda t: appendix_layer(t, y0=Y0))(x)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match=msg):
+        appendix_layer(fwAD.make_dual(x, torch.ones_like(x)), y0=Y0)
+
+
+def test_second_order_through_torch_func_raises(appendix_layer):
+    x = torch.tensor([0.9], dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="second-order derivatives through the implicit layer 'appendix'"):
+        jacrev(jacrev(lambda t: appendix_layer(t, y0=Y0)))(x)
+    with pytest.raises(NotImplementedError, match="second-order derivatives through the implicit layer 'appendix'"):
+        grad(lambda t: grad(lambda s: appendix_layer(s, y0=Y0).sum())(t).sum())(x)
