@@ -732,9 +732,10 @@ def vjp_batch_parallel(Y, P, LU, PIV, STATUS, YBAR, need, PBAR, tab):
 
 
 def emit_module(derivation, layout: dict, key: str, options: dict | None = None,
-                tables: Tables | None = None) -> tuple[str, Tables]:
-    """The source of the generated module, without its tables section, and its tables
-    (to which a caller may add before printing them with :meth:`Tables.source`)."""
+                tables: Tables | None = None) -> tuple[str, Tables, tuple]:
+    """The source of the generated module without its tables section, its tables (to which a
+    caller may add before printing them with :meth:`Tables.source`), and the kernels the module
+    binds to runtime kernels (``_fn_<name>`` defined, no function ``<name>``)."""
     opts = {"pivot_threshold": 0.1, **(options or {})}
     d = derivation
     tables = tables if tables is not None else Tables()
@@ -765,7 +766,7 @@ def emit_module(derivation, layout: dict, key: str, options: dict | None = None,
     kinds.append("solve_batch")
     out.append("\n".join(driver_bindings(DRIVERS, kinds, bound=bound)).rstrip() + "\n")
     out.append(_RESIDUAL_BATCH)
-    return "\n\n".join(out).rstrip() + "\n", tables
+    return "\n\n".join(out).rstrip() + "\n", tables, bound
 
 
 _RESIDUAL_BATCH = """\
@@ -778,7 +779,7 @@ def residual_batch_serial(Y, P, OUT, tab):
 
 def module_source(derivation, layout: dict, key: str, options: dict | None = None) -> str:
     """The full source of a residual system's module."""
-    src, tables = emit_module(derivation, layout, key, options)
+    src, tables, _ = emit_module(derivation, layout, key, options)
     return src + "\n\n" + tables.source()
 
 

@@ -114,7 +114,7 @@ def ip_eval_batch(Y, P, GRADF, H, JH, G, JG, tab):
 
 def emit_problem_module(problem, layout: dict, key: str) -> str:
     system = problem.system
-    src, tables = emit_module(system.derivation, layout, key)
+    src, tables, bound = emit_module(system.derivation, layout, key)
     n, q, r = problem.n_variables, len(problem.equalities), len(problem.inequalities)
     extra = [
         "# ---------------------------------------------------------------- optimization problem",
@@ -130,8 +130,8 @@ def emit_problem_module(problem, layout: dict, key: str) -> str:
     parts = [src, "\n".join(extra) + "\n"]
     for sec in problem_sections(problem):
         parts.append("\n".join(sec) + "\n")
-    parts.append("\n".join(driver_bindings(PROBLEM_DRIVERS, ["ip", "kkt_finalize"], extra=("nq", "nr"))).rstrip()
-                 + "\n")
+    drivers = driver_bindings(PROBLEM_DRIVERS, ["ip", "kkt_finalize"], extra=("nq", "nr"), bound=bound)
+    parts.append("\n".join(drivers).rstrip() + "\n")
     parts.append(_EVAL_BATCH)
     parts.append(tables.source())
     return "\n\n".join(parts).rstrip() + "\n"
