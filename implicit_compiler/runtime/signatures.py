@@ -43,3 +43,8 @@ JVP_PARAMS = types.void(f1, f1, f1, f1, i1)
 def fn(sig):
     """The first-class function type of kernels with signature ``sig``."""
     return types.FunctionType(sig)
+
+
+# hvp(y, p, v, ydot, w, out_y, out_p, tab): (out_y, out_p) = H (ydot, w), H the Hessian in (y, theta)
+# of v.F (the second-order module, implicit_compiler.codegen.emit_second)
+HVP = types.void(f1, f1, f1, f1, f1, f1, f1, i1)
