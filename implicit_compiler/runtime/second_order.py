@@ -121,6 +121,21 @@ class SecondOrder:
         return Ydot, dP
 
 
+def _warm(so: SecondOrder) -> None:
+    """Compile (or load from Numba's cache) everything a call reaches, now: the kernels have
+    their signatures already; the first-order module's ``solve`` / ``solve_transpose`` are
+    compiled on their first call from Python. One sample with the identity as its factored
+    Jacobian; arithmetic faults at the zero point are harmless (NumPy error model)."""
+    from types import SimpleNamespace
+
+    n, m = so.n, so.m
+    piv = np.arange(n + 1, dtype=np.int64)
+    piv[n] = 1  # the dense factors (see the first-order module's factor_dense)
+    res = SimpleNamespace(y=np.zeros((1, n)), p=np.zeros((1, m)), lu=np.eye(n)[None].copy(), piv=piv[None].copy(),
+                          status=np.zeros(1, dtype=np.int8))
+    so.double_backward(res, np.zeros((1, n)), np.zeros((1, m)))
+
+
 class LazySecondOrder:
     """``lazy()`` returns the :class:`SecondOrder` of ``kernels``, generating and compiling the
     second-order module on the first call (``build()`` returns the module) and reusing it after."""
@@ -142,5 +157,7 @@ class LazySecondOrder:
                     kernels = self._kernels()
                     if kernels is None:
                         raise RuntimeError("the layer these kernels belonged to no longer exists")
-                    self._value = SecondOrder(kernels, self._build())
+                    so = SecondOrder(kernels, self._build())
+                    _warm(so)
+                    self._value = so
         return self._value
