@@ -127,23 +127,36 @@ def kepler_system():
 
 
 @pytest.fixture(scope="module")
-def kepler(tmp_path_factory):
-    # a fresh cache: the second-order module must not exist until it is asked for
-    return ic.compile(kepler_system(), cache_dir=tmp_path_factory.mktemp("kepler-cache"))
+def kepler():
+    return ic.compile(kepler_system())
 
 
 KEPLER_P = np.array([[0.1, 0.3], [0.5, 1.0], [0.9, 2.5], [0.3, -4.0], [0.7, 0.05]])
 
 
-def test_second_order_module_is_built_on_first_use_only(kepler):
-    system = kepler.system
-    path2 = kepler.path.parent / f"{cache.MODULE_PREFIX}{cache.module_key(system.content_hash() + 'second')}.py"
-    lazy = kepler.kernels.second_order
+def test_second_order_module_is_built_on_first_use_only(tmp_path):
+    # a fresh cache: the second-order module must not exist until it is asked for
+    layer = ic.compile(kepler_system(), cache_dir=tmp_path, warmup=False)
+    key2 = cache.module_key(layer.system.content_hash() + "second")
+    path2 = tmp_path / f"{cache.MODULE_PREFIX}{key2}.py"
+    lazy = layer.kernels.second_order
     assert not lazy.built and not path2.exists()  # compile() of a first-order user generated nothing
-    so = compile_second_order(kepler)
+    assert [p.name for p in tmp_path.glob("*.py")] == [layer.path.name]
+    so = compile_second_order(layer)
     assert lazy.built and path2.exists() and so.module2.__file__ == str(path2)
-    assert kepler.kernels.second_order() is so and compile_second_order(kepler) is so
+    assert layer.kernels.second_order() is so and compile_second_order(layer) is so
     assert isinstance(so, SecondOrder)
+    res = _solve(layer, KEPLER_P, np.ones((1, 1)))
+    np.testing.assert_allclose(so.jvp(res, np.tile([0.0, 1.0], (len(KEPLER_P), 1)))[:, 0],
+                               1 / (1 - KEPLER_P[:, 0] * np.cos(res.y[:, 0])), rtol=1e-13)
+
+
+def test_layer_without_its_system_is_a_clear_error(kepler):
+    from implicit_compiler.torch.module import ImplicitLayer
+
+    bare = ImplicitLayer(kepler.kernels.module)  # as a layer loaded without SymPy would be
+    with pytest.raises(ic.SystemDefinitionError, match="loaded without its symbolic system"):
+        compile_second_order(bare)
 
 
 def test_kepler_jvp_closed_form(kepler):
