@@ -317,3 +317,50 @@ def test_qp_double_backward(qp, rng):
 
 def test_qp_mixed_batch(qp, rng):
     check_mixed_batch(qp, QP_P, np.array([[1.0, np.nan, 0.5]]), np.zeros((1, 3)), rng)
+
+
+# ---------------------------------------------------------------- the kernels against SymPy, and a composition
+def test_hvp_kernel_matches_dense_sympy_hessian(appendix_layer, rng):
+    so = compile_second_order(appendix_layer)
+    P = np.array([[1.0], [0.8], [1.6]])
+    res = _solve(appendix_layer, P, APPENDIX_Y0)
+    B = len(P)
+    V, Yd, W = rng.normal(size=(B, 2)), rng.normal(size=(B, 2)), rng.normal(size=(B, 1))
+    Hy, Hp = so.hvp(res, V, Yd, W)
+    system = appendix_layer.system
+    z = list(system.unknowns) + list(system.params)
+    v = sp.symbols("v0:2")
+    dense = sp.lambdify([*z, *v], sp.hessian(sum(a * F for a, F in zip(v, system.residuals)), z))
+    Fp = sp.lambdify(z, system.jacobian_params)
+    for b in range(B):
+        Hb = np.array(dense(*res.y[b], *P[b], *V[b]), dtype=float)
+        np.testing.assert_allclose(np.concatenate([Hy[b], Hp[b]]), Hb @ np.concatenate([Yd[b], W[b]]),
+                                   rtol=1e-13, atol=1e-14)
+        # jvp = -J^{-1} F_theta w, with J and F_theta from SymPy
+        J = np.array(sp.lambdify(z, system.jacobian_unknowns)(*res.y[b], *P[b]), dtype=float)
+        ref = -np.linalg.solve(J, np.array(Fp(*res.y[b], *P[b]), dtype=float) @ W[b])
+        np.testing.assert_allclose(so.jvp(res, W)[b], ref, rtol=1e-13)
+
+
+def test_hessian_of_a_loss_through_the_layer(kepler):
+    # l(theta) = E*(theta)^2 / 2: its gradient is VJP(ybar = E*); its Hessian-vector product in a
+    # direction w is dP + VJP(dYbar) (ybar depends on theta through E*): what a torch double
+    # backward composes. Checked against central differences of the gradient.
+    so = compile_second_order(kepler)
+    P = KEPLER_P
+    B = len(P)
+    Y0 = np.ones((1, 1))
+
+    def grad(Pk):
+        res = _solve(kepler, Pk, Y0)
+        return so.vjp(res, res.y)
+
+    res = _solve(kepler, P, Y0)
+    for c in range(2):
+        w = np.zeros((B, 2))
+        w[:, c] = 1.0
+        dybar, dp = so.double_backward(res, res.y, w)
+        hw = dp + so.vjp(res, dybar)
+        h = H * np.maximum(1.0, np.abs(P[:, c:c + 1]))
+        ref = (grad(P + h * w) - grad(P - h * w)) / (2 * h)
+        assert_close_rows(hw, ref)
