@@ -37,7 +37,10 @@ def _batch(name: str, a, B: int, width: int) -> np.ndarray:
     if arr.shape != (B, width):
         raise InputError(f"{name} has shape {arr.shape}; expected ({B}, {width}): one row per sample of the "
                          f"solved batch, {width} values per row")
-    return np.ascontiguousarray(arr)
+    if not (arr.flags.c_contiguous and arr.flags.writeable):
+        # the kernels are compiled for writable C-contiguous float64 rows only
+        arr = np.array(arr, order="C")
+    return arr
 
 
 def batched_solve(module, res, R: np.ndarray, transpose: bool = False) -> np.ndarray:
@@ -81,6 +84,7 @@ class SecondOrder:
             kernel(res.y[b], res.p[b], W[b], R[b], _EMPTY_TAB)
         Ydot = batched_solve(self.kernels.module, res, R)
         np.negative(Ydot, out=Ydot)
+        Ydot[res.status != st.CONVERGED] = 0.0  # +0.0, not -0.0
         return Ydot
 
     def hvp(self, res, V, Ydot, W) -> tuple[np.ndarray, np.ndarray]:

@@ -208,6 +208,14 @@ def test_shapes_are_checked(kepler):
         so.jvp(res, np.zeros((5, 1)))
     with pytest.raises(InputError, match=r"Ybar .* has shape \(4, 1\); expected \(5, 1\)"):
         so.double_backward(res, np.zeros((4, 1)), np.zeros((5, 2)))
+    # read-only and broadcast inputs are accepted (copied), with the same values
+    W = np.random.default_rng(2).normal(size=(5, 2))
+    ref = so.double_backward(res, np.ones((5, 1)), W)
+    W_ro = W.copy()
+    W_ro.setflags(write=False)
+    got = so.double_backward(res, np.broadcast_to(1.0, (5, 1)), W_ro)
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_array_equal(got[1], ref[1])
 
 
 # ---------------------------------------------------------------- the paper appendix system
