@@ -60,6 +60,7 @@ def compile(system, *, cache_dir=None, verbose: bool = False, warmup: bool = Tru
     path, module = _cached_module(system.content_hash(), cache_dir, source, report)
     t = time.perf_counter()
     layer = ImplicitLayer(module, opts, system=system, compile_report=report)
+    _attach_second_order(layer, system, cache_dir)
     if warmup:
         _progress(verbose, f"compiling kernels with Numba ({path.name})")
         warm(layer)
@@ -120,6 +121,7 @@ def compile_problem(problem, *, cache_dir=None, verbose: bool = False, warmup: b
     layer = ProblemLayer(module, opts, system=problem, compile_report=report, forward=forward,
                          return_multipliers=return_multipliers, weak_tol=weak_tol,
                          warn_weakly_active=warn_weakly_active)
+    _attach_second_order(layer, problem, cache_dir)
     if warmup:
         import numpy as np
 
@@ -189,3 +191,60 @@ class _PickledModules:
 
 
 set_module_loader(_PickledModules)
+
+
+# ---------------------------------------------------------------- second order
+def _second_order_module(system, cache_dir, first_module):
+    """Generate (or find in the cache) and import the second-order module of ``system`` (a
+    ResidualSystem, FixedPoint or Problem): key = the first-order content hash + ``second``.
+    ``cache_dir=None`` puts it beside the first-order module ``first_module``."""
+    from pathlib import Path
+
+    from .codegen.emit_second import emit_second_module
+    from .derive.second import second_derivation
+    from .symbolic.system import _back, _for_diff
+
+    residual_system = system.system if getattr(system, "kind", None) == "problem" else system
+    content_hash = system.content_hash()
+    if cache_dir is None:
+        cache_dir = Path(first_module.__file__).parent
+    report = {}
+
+    def source(key):
+        sd = second_derivation(residual_system.derivation, for_diff=_for_diff, back=_back)
+        return emit_second_module(sd, residual_system.layout(), key, cache.module_key(content_hash))
+
+    _, module2 = _cached_module(content_hash + "second", cache_dir, source, report)
+    return module2
+
+
+def _attach_second_order(layer, system, cache_dir) -> None:
+    """``layer.kernels.second_order()``: the layer's :class:`SecondOrder`, built on first call."""
+    from functools import partial
+
+    from .runtime.second_order import LazySecondOrder
+
+    k = layer.kernels
+    k.second_order = LazySecondOrder(k, partial(_second_order_module, system, cache_dir, k.module))
+
+
+def compile_second_order(layer):
+    """The :class:`~implicit_compiler.runtime.second_order.SecondOrder` of a compiled layer:
+    forward-mode products (``jvp``) and the double backward (``double_backward``), NumPy level.
+
+    The second-order module is generated and compiled on the first call for a layer (kept in
+    the kernel cache the layer was compiled with) and reused after;
+    ``layer.kernels.second_order()`` is the same object, for callers that must not import the
+    compiler (the torch side)."""
+    k = layer.kernels
+    if getattr(k, "second_order", None) is None:
+        system = getattr(layer, "system", None)
+        if system is None:
+            from .errors import SystemDefinitionError
+
+            raise SystemDefinitionError(
+                "this layer was loaded without its symbolic system (a standalone export), so its second "
+                "derivatives cannot be generated; compile it from the system with implicit_compiler.compile"
+            )
+        _attach_second_order(layer, system, None)
+    return k.second_order()

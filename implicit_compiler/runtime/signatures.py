@@ -68,3 +68,7 @@ def decode_tables(text: str, size: int):
     if out.size != size:
         raise ValueError(f"the module's tables hold {out.size} entries, its header says {size}")
     return out
+
+# hvp(y, p, v, ydot, w, out_y, out_p, tab): (out_y, out_p) = H (ydot, w), H the Hessian in (y, theta)
+# of v.F (the second-order module, implicit_compiler.codegen.emit_second)
+HVP = types.void(f1, f1, f1, f1, f1, f1, f1, i1)
