@@ -33,12 +33,12 @@ def _tampered(layer):
     """A layer whose compiled dF/dy is wrong in one entry."""
     real = layer.kernels.module
 
-    def residual_jacobian(y, p, F, J):
-        real.residual_jacobian(y, p, F, J)
+    def residual_jacobian(y, p, F, J, tab):
+        real.residual_jacobian(y, p, F, J, tab)
         J[1, 0] *= 1.0 + 1e-6
 
     mod = types.SimpleNamespace(residual=real.residual, residual_jacobian=residual_jacobian,
-                                vjp_params=real.vjp_params)
+                                vjp_params=real.vjp_params, TABLES=real.TABLES)
     kernels = types.SimpleNamespace(module=mod, n=layer.kernels.n, m=layer.kernels.m)
     return types.SimpleNamespace(system=layer.system, kernels=kernels, layout=layer.layout, options=layer.options)
 

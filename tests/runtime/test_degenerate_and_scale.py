@@ -372,12 +372,12 @@ def test_degenerate_root_in_a_larger_system():
 # ---------------------------------------------------------------- the linear algebra underneath
 
 @njit
-def _solve(LU, piv, b):
+def _solve(LU, piv, b, tab):
     lu_solve(LU.shape[0], LU, piv, b)
 
 
 @njit
-def _solve_t(LU, piv, b):
+def _solve_t(LU, piv, b, tab):
     lu_solve_transpose(LU.shape[0], LU, piv, b)
 
 
@@ -389,8 +389,9 @@ def _cond_and_solve(A, b):
     anorm = equilibrate(n, A, rmax, cmax)
     piv = np.empty(n + 1, dtype=np.int64)
     lu_factor(n, A, piv)
-    est = inv_norm1(n, _solve, _solve_t, A, piv, rmax, cmax, np.empty(n), np.empty(n))
-    _solve(A, piv, b)
+    tab = np.zeros(0, dtype=np.int64)
+    est = inv_norm1(n, _solve, _solve_t, A, piv, rmax, cmax, np.empty(n), np.empty(n), tab)
+    _solve(A, piv, b, tab)
     return anorm, est
 
 

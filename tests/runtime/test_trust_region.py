@@ -298,7 +298,7 @@ def test_threaded_driver_matches_serial_per_sample(kink):
     Y, LU = np.empty((B, n)), np.empty((B, n, n))
     PIV, STATUS, INFO = np.empty((B, n + 1), np.int64), np.empty(B, np.int8), np.empty((B, 2))
     k.module.trust_region_batch_parallel(Y0, a, opts.tol, opts.rtol, opts.xtol, opts.max_iter, opts.singular_tol,
-                                         Y, LU, PIV, STATUS, INFO)
+                                         Y, LU, PIV, STATUS, INFO, k.tab)
     np.testing.assert_array_equal(STATUS, serial.status)
     np.testing.assert_array_equal(Y, serial.y)
     np.testing.assert_array_equal(INFO[:, 0], serial.iterations)
