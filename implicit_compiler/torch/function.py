@@ -296,7 +296,8 @@ def _jvp(token: str, result: list[torch.Tensor], w: torch.Tensor) -> torch.Tenso
     """The implementation of :func:`jvp_op`."""
     layer = _layer(token)
     so = second_order(layer, "forward-mode differentiation")
-    res = tensors_to_result(result, layer._result_names)
+    # C-contiguous: the second-order kernels take C arrays only (a vmapped result may be a strided view)
+    res = tensors_to_result([t.contiguous() for t in result], layer._result_names)
     ydot = so.jvp(res, np.ascontiguousarray(w.numpy(), dtype=np.float64))
     _failed(layer, res, ydot)
     return torch.from_numpy(ydot)
@@ -319,7 +320,7 @@ def _double_backward(token: str, result: list[torch.Tensor], ybar: torch.Tensor,
     """The implementation of :func:`double_backward_op`."""
     layer = _layer(token)
     so = second_order(layer, "double backward (differentiating the gradient)")
-    res = tensors_to_result(result, layer._result_names)
+    res = tensors_to_result([t.contiguous() for t in result], layer._result_names)
     dybar, dp = so.double_backward(res, np.ascontiguousarray(ybar.numpy(), dtype=np.float64),
                                    np.ascontiguousarray(w.numpy(), dtype=np.float64))
     _failed(layer, res, dybar, dp)
@@ -618,14 +619,17 @@ class ImplicitFunction(CompilableImplicitFunction):
     def setup_context(ctx, inputs, output):
         CompilableImplicitFunction.setup_context(ctx, inputs, output)
         k = len(ctx.meta[1])
-        ctx.save_for_forward(*output[k:])
+        # for jvp: the result tensors are non-differentiable outputs (no grad_fn, so no reference
+        # cycle through this context); ctx.save_for_forward of tensors also saved for backward
+        # breaks the generated vmap rule of the backward
+        ctx.fw_result = tuple(output[k:])
         ctx.out_shapes = tuple(tuple(o.shape) for o in output[:k])
         ctx.out_dtypes = tuple(o.dtype for o in output[:k])
 
     @staticmethod
     def jvp(ctx, *tangents):
         # forward mode: ydot = -(dF/dy)^{-1} (dF/dtheta) thetadot at y*, from the saved result
-        result = ctx.saved_tensors
+        result = ctx.fw_result
         tparams = tangents[3:]
         B = result[0].shape[0]
         if all(t is None for t in tparams):
