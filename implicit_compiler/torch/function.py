@@ -270,7 +270,7 @@ def _vjp_vmap(info, in_dims, token, result, ybar, need):
 # forward mode and double backward: the second-order module's products
 
 
-def second_order(layer, what: str):
+def layer_second_order(layer, what: str):
     """The layer's :class:`~implicit_compiler.runtime.second_order.SecondOrder` (generated and
     compiled on first use), or :class:`NotImplementedError` for a layer loaded without its system."""
     lazy = getattr(layer.kernels, "second_order", None)
@@ -295,7 +295,7 @@ def _failed(layer, res, *arrays) -> None:
 def _jvp(token: str, result: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     """The implementation of :func:`jvp_op`."""
     layer = _layer(token)
-    so = second_order(layer, "forward-mode differentiation")
+    so = layer_second_order(layer, "forward-mode differentiation")
     # C-contiguous: the second-order kernels take C arrays only (a vmapped result may be a strided view)
     res = tensors_to_result([t.contiguous() for t in result], layer._result_names)
     ydot = so.jvp(res, np.ascontiguousarray(w.numpy(), dtype=np.float64))
@@ -319,7 +319,7 @@ def _double_backward(token: str, result: list[torch.Tensor], ybar: torch.Tensor,
                      w: torch.Tensor) -> list[torch.Tensor]:
     """The implementation of :func:`double_backward_op`."""
     layer = _layer(token)
-    so = second_order(layer, "double backward (differentiating the gradient)")
+    so = layer_second_order(layer, "double backward (differentiating the gradient)")
     res = tensors_to_result([t.contiguous() for t in result], layer._result_names)
     dybar, dp = so.double_backward(res, np.ascontiguousarray(ybar.numpy(), dtype=np.float64),
                                    np.ascontiguousarray(w.numpy(), dtype=np.float64))
