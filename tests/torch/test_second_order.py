@@ -288,8 +288,9 @@ def test_first_order_training_never_builds_the_second_order_module(tmp_path):
     (g,) = torch.autograd.grad(layer(e, M).sum(), M)  # first order with grad mode off in the backward
     assert not layer.kernels.second_order.built and not path2.exists()
     assert [p.name for p in tmp_path.glob("*.py")] == [layer.path.name]
-    # a double backward builds it
+    # create_graph=True alone does not build it; differentiating the gradient does
     (g,) = torch.autograd.grad(layer(e, M).sum(), M, create_graph=True)
+    assert not layer.kernels.second_order.built and not path2.exists()
     g.sum().backward()
     assert layer.kernels.second_order.built and path2.exists()
 
