@@ -274,6 +274,13 @@ def layer_second_order(layer, what: str):
     """The layer's :class:`~implicit_compiler.runtime.second_order.SecondOrder` (generated and
     compiled on first use), or :class:`NotImplementedError` for a layer loaded without its system."""
     lazy = getattr(layer.kernels, "second_order", None)
+    if lazy is None and getattr(layer, "system", None) is not None:
+        raise NotImplementedError(
+            f"{what} through the implicit layer {layer.layout['name']!r} needs its second-order module, which "
+            f"this layer was restored without (pickle / torch.load keep the first-order module only). Build the "
+            f"layer again with implicit_compiler.compile(layer.system) to use forward mode or double backward; "
+            f"first-order reverse mode (loss.backward(), torch.func.grad / vjp / jacrev) works here"
+        )
     if lazy is None:
         raise NotImplementedError(
             f"{what} through the implicit layer {layer.layout['name']!r} needs its second-order module, which is "

@@ -332,3 +332,23 @@ def test_reverse_over_reverse_and_vmap_agree_with_forward_over_reverse(appendix_
     xs = x.numpy()[:, 0]
     (y1, y2), (d1, dd2), (s1, s2) = appendix_ref(xs)[0].T, appendix_ref(xs)[1].T, appendix_second(xs).T
     np.testing.assert_allclose(d2.numpy(), s1 * y2 + 2 * d1 * dd2 + y1 * s2, rtol=1e-9)
+
+
+def test_deepcopied_layer_keeps_second_order_and_pickled_layer_says_why_not(kepler):
+    import copy
+    import pickle
+
+    e = torch.tensor([0.5], dtype=torch.float64)
+    M = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    twin = copy.deepcopy(kepler)
+    E = twin(e, M)
+    (g,) = torch.autograd.grad(E.sum(), M, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), M)
+    En = E.item()
+    assert h.item() == pytest.approx(-0.5 * np.sin(En) / (1 - 0.5 * np.cos(En)) ** 3, rel=1e-9)
+    restored = pickle.loads(pickle.dumps(kepler))
+    (g,) = torch.autograd.grad(restored(e, M).sum(), M, create_graph=True)
+    assert g.item() == pytest.approx(1 / (1 - 0.5 * np.cos(En)), rel=1e-12)
+    with pytest.raises(NotImplementedError, match="double backward .* 'kepler' needs its second-order module, which "
+                                                  "this layer was restored without"):
+        g.sum().backward()
