@@ -36,10 +36,15 @@ ordinary torch program):
   rebuilds the result from them and calls the VJP op, then splits and sums the
   ``(B, m)`` gradient with torch operations.
 
-A forward-mode rule fits as a ``jvp`` staticmethod next to ``backward`` calling
-a third op (``dy = -(dF/dy)^{-1} (dF/dtheta) dtheta`` from the same saved
-tensors); a double backward fits as ``register_autograd`` on the VJP op, which
-would then replace :class:`SecondOrderUnsupported`.
+Forward mode is the ``jvp`` staticmethod of :class:`ImplicitFunction` and
+:class:`EagerImplicitFunction`: ``dy = -(dF/dy)^{-1} (dF/dtheta) dtheta`` from the
+saved result (``implicit_compiler::jvp``, the second-order module's ``jvp``).
+Under ``create_graph=True`` (and under torch.func, which always builds the graph of
+a backward) the backward's ``thetabar`` is computed by :class:`BackwardFunction`,
+an ``autograd.Function`` of ``(ybar, *params)`` whose backward is the exact double
+backward (``implicit_compiler::double_backward``) and whose ``jvp`` is the
+directional derivative of the VJP (so ``torch.func.hessian`` = jacfwd(jacrev)
+works). The second-order module is built the first time one of these runs.
 
 What the backward reads is the layer's own: ``theta`` is a private copy taken at
 the forward (``pack``), ``y*`` and the factorisation are the kernels' arrays, and
@@ -48,9 +53,11 @@ parameter's ``.data``, the output's NumPy view) changes the gradient. The
 parameter tensors are saved with ``save_for_backward``, so an in-place change
 that autograd can see raises torch's "modified by an inplace operation" error.
 
-The backward has no derivative of its own yet: when it runs with
-``create_graph=True`` its results carry a node whose backward raises (see
-:class:`SecondOrderUnsupported`), so a double backward is an error, never zero.
+Third-order derivatives are not available: the double backward's results carry a
+node whose backward raises (:class:`SecondOrderUnsupported`), so differentiating
+them again is an error, never zero. A layer loaded without its symbolic system (a
+standalone export) has no second-order module: forward mode and double backward
+raise :class:`NotImplementedError` naming the layer.
 """
 
 from __future__ import annotations
@@ -260,20 +267,270 @@ def _vjp_vmap(info, in_dims, token, result, ybar, need):
 
 
 # ---------------------------------------------------------------------------------------------------
+# forward mode and double backward: the second-order module's products
+
+
+def layer_second_order(layer, what: str):
+    """The layer's :class:`~implicit_compiler.runtime.second_order.SecondOrder` (generated and
+    compiled on first use), or :class:`NotImplementedError` for a layer loaded without its system."""
+    lazy = getattr(layer.kernels, "second_order", None)
+    if lazy is None and getattr(layer, "system", None) is not None:
+        raise NotImplementedError(
+            f"{what} through the implicit layer {layer.layout['name']!r} needs its second-order module, which "
+            f"this layer was restored without (pickle / torch.load keep the first-order module only). Build the "
+            f"layer again with implicit_compiler.compile(layer.system) to use forward mode or double backward; "
+            f"first-order reverse mode (loss.backward(), torch.func.grad / vjp / jacrev) works here"
+        )
+    if lazy is None:
+        raise NotImplementedError(
+            f"{what} through the implicit layer {layer.layout['name']!r} needs its second-order module, which is "
+            f"generated from the symbolic system; this layer was loaded without it (a standalone export). Build "
+            f"the layer with implicit_compiler.compile(...) to use forward mode or double backward, or use "
+            f"first-order reverse mode (loss.backward(), torch.func.grad / vjp / jacrev), which works here"
+        )
+    return lazy()
+
+
+def _failed(layer, res, *arrays) -> None:
+    """``on_failure='nan'``: NaN rows for the samples that did not converge (zeros otherwise)."""
+    if layer.options.on_failure == "nan":
+        bad = res.status != st.CONVERGED
+        for a in arrays:
+            a[bad] = np.nan
+
+
+def _jvp(token: str, result: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    """The implementation of :func:`jvp_op`."""
+    layer = _layer(token)
+    so = layer_second_order(layer, "forward-mode differentiation")
+    # C-contiguous: the second-order kernels take C arrays only (a vmapped result may be a strided view)
+    res = tensors_to_result([t.contiguous() for t in result], layer._result_names)
+    ydot = so.jvp(res, np.ascontiguousarray(w.numpy(), dtype=np.float64))
+    _failed(layer, res, ydot)
+    return torch.from_numpy(ydot)
+
+
+@torch.library.custom_op(f"{_NS}::jvp", mutates_args=())
+def jvp_op(token: str, result: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``ydot`` ``(B, n)`` for the flat parameter tangent ``w`` ``(B, m)`` (float64):
+    ``-(dF/dy)^{-1} (dF/dtheta) w`` for converged samples, zero (``on_failure='nan'``: NaN) for the others."""
+    return _jvp(token, result, w)
+
+
+@jvp_op.register_fake
+def _jvp_fake(token, result, w):
+    return torch.empty((w.shape[0], _layer(token).kernels.n), dtype=torch.float64)
+
+
+def _double_backward(token: str, result: list[torch.Tensor], ybar: torch.Tensor,
+                     w: torch.Tensor) -> list[torch.Tensor]:
+    """The implementation of :func:`double_backward_op`."""
+    layer = _layer(token)
+    so = layer_second_order(layer, "double backward (differentiating the gradient)")
+    res = tensors_to_result([t.contiguous() for t in result], layer._result_names)
+    dybar, dp = so.double_backward(res, np.ascontiguousarray(ybar.numpy(), dtype=np.float64),
+                                   np.ascontiguousarray(w.numpy(), dtype=np.float64))
+    _failed(layer, res, dybar, dp)
+    return [torch.from_numpy(dybar), torch.from_numpy(dp)]
+
+
+@torch.library.custom_op(f"{_NS}::double_backward", mutates_args=())
+def double_backward_op(token: str, result: list[torch.Tensor], ybar: torch.Tensor,
+                       w: torch.Tensor) -> list[torch.Tensor]:
+    """``[dybar (B, n), dtheta (B, m)]``: the derivatives of ``<w, thetabar(theta, ybar)>`` per
+    converged sample (``thetabar`` the VJP of :func:`vjp_op`), zero (``on_failure='nan'``: NaN) for
+    the others."""
+    return _double_backward(token, result, ybar, w)
+
+
+@double_backward_op.register_fake
+def _double_backward_fake(token, result, ybar, w):
+    k = _layer(token).kernels
+    return [torch.empty((ybar.shape[0], k.n), dtype=torch.float64),
+            torch.empty((ybar.shape[0], k.m), dtype=torch.float64)]
+
+
+def _fold_result(result, rdims, V: int, B: int) -> list:
+    return [_fold(t, d, V, B, True, tuple(t.shape[1:] if d is None else t.movedim(d, 0).shape[2:]))
+            for t, d in zip(result, rdims)]
+
+
+def _logical_batch(t, d) -> int:
+    return t.shape[0] if d is None else t.movedim(d, 0).shape[1]
+
+
+@jvp_op.register_vmap
+def _jvp_vmap(info, in_dims, token, result, w):
+    V = info.batch_size
+    _, rdims, wdim = in_dims
+    B = _logical_batch(w, wdim)
+    out = jvp_op(token, _fold_result(result, rdims, V, B), _fold(w, wdim, V, B, True, (w.shape[-1],)))
+    return out.reshape(V, B, -1), 0
+
+
+@double_backward_op.register_vmap
+def _double_backward_vmap(info, in_dims, token, result, ybar, w):
+    V = info.batch_size
+    _, rdims, ydim, wdim = in_dims
+    B = _logical_batch(ybar, ydim)
+    dy, dp = double_backward_op(token, _fold_result(result, rdims, V, B),
+                                _fold(ybar, ydim, V, B, True, (ybar.shape[-1],)),
+                                _fold(w, wdim, V, B, True, (w.shape[-1],)))
+    return [dy.reshape(V, B, -1), dp.reshape(V, B, -1)], [0, 0]
+
+
+def _call_jvp(token, result, w):
+    if direct(result) and direct((w,)):
+        return _jvp(token, result, w)
+    return jvp_op(token, list(result), w)
+
+
+def _call_double_backward(token, result, ybar, w):
+    if direct(result) and direct((ybar, w)):
+        return _double_backward(token, result, ybar, w)
+    return double_backward_op(token, list(result), ybar, w)
+
+
+def _call_vjp(token, result, ybar, need):
+    if direct(result) and direct((ybar,)):
+        return _vjp(token, result, ybar, need)
+    return vjp_op(token, list(result), ybar, need)
+
+
+def flat_tangent(pgroups, tangents, B: int):
+    """The flat float64 ``(B, m)`` tangent (or cotangent) of ``theta`` from one tensor (or
+    ``None``: zero) per parameter group, each shaped as its parameter (with a batch of ``B``, of 1,
+    or none: broadcast over the batch), as :func:`~implicit_compiler.torch.shapes.pack` packs them."""
+    cols = []
+    for (_off, size, _ndim), t in sorted(zip(pgroups, tangents), key=lambda e: e[0][0]):
+        if t is None:
+            cols.append(torch.zeros((B, size), dtype=torch.float64))
+        else:
+            cols.append(t.reshape(-1, size).to(dtype=torch.float64, device="cpu").expand(B, size))
+    return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
+
+
+def split_flat(pgroups, flat, params, flags) -> list:
+    """The parameters' gradients from the per-sample flat ``(B, m)`` ``flat``: split into the
+    groups (summed over the batch for groups shared by it, or given with a batch of 1);
+    ``None`` where ``flags`` is False."""
+    B = flat.shape[0]
+    out = []
+    for (off, size, ndim), t, need in zip(pgroups, params, flags):
+        if not need:
+            out.append(None)
+            continue
+        blk = flat if size == flat.shape[1] else flat[:, off:off + size]
+        if t.dim() == ndim + 1 and t.shape[0] == B:
+            gt = blk.reshape(t.shape)
+        else:  # shared by the batch, or a batch of 1 broadcast over it
+            gt = blk.sum(dim=0).reshape(t.shape)
+        if gt.dtype != t.dtype or t.device.type != "cpu":
+            gt = gt.to(dtype=t.dtype, device=t.device)
+        out.append(gt)
+    return out
+
+
+class _Static:
+    """Constant arguments of :class:`BackwardFunction` as one pytree leaf (torch.func flattens
+    an ``autograd.Function``'s arguments; nested tuples of numbers would become many leaves)."""
+
+    __slots__ = ("meta", "need")
+
+    def __init__(self, meta, need):
+        self.meta, self.need = meta, need
+
+
+class BackwardFunction(torch.autograd.Function):
+    """``apply(token, static, nres, ybar, *result, *params)`` (``static``: a :class:`_Static`
+    with the layer's :func:`call_meta` and the first-order ``need`` flags): the per-sample VJP ``thetabar``
+    ``(B, m)`` of an implicit layer as a differentiable function of ``ybar`` and the parameters
+    (what the layer's backward computes under ``create_graph=True`` and torch.func).
+
+    Its backward is the double backward: for the cotangent ``w`` of ``thetabar``,
+    ``d<w, thetabar>/dybar = ydot(w)`` and ``d<w, thetabar>/dtheta = dP`` (the second-order
+    module's ``double_backward``). Its ``jvp``: ``thetabar`` is linear in ``ybar`` and, per sample,
+    the gradient of ``ybar . y*(theta)``, whose Jacobian in ``theta`` is a symmetric Hessian, so
+    ``d thetabar = VJP(d ybar) + dP(w = d theta)``.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(token, static, nres, ybar, *tensors):
+        # a copy: the kernels' VJP may hand out a pooled array, and this one is held by the graph
+        return _call_vjp(token, list(tensors[:nres]), ybar, list(static.need)).clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        token, static, nres, ybar = inputs[:4]
+        result, params = inputs[4:4 + nres], inputs[4 + nres:]
+        ctx.save_for_backward(ybar, *result, *params)
+        ctx.save_for_forward(ybar, *result, *params)
+        ctx.token, ctx.meta, ctx.nres = token, static.meta, nres
+
+    @staticmethod
+    def backward(ctx, w):
+        saved = ctx.saved_tensors
+        nres = ctx.nres
+        ybar, result, params = saved[0], saved[1:1 + nres], saved[1 + nres:]
+        flags = ctx.needs_input_grad[4 + nres:]
+        need_ybar = ctx.needs_input_grad[3]
+        if w is None or not (need_ybar or any(flags)):
+            return (None,) * (4 + nres + len(params))
+        dybar, dp = _call_double_backward(ctx.token, result, ybar.detach(), w.detach())
+        grads = [dybar.to(ybar.dtype) if need_ybar else None, *split_flat(ctx.meta[2], dp, params, flags)]
+        if torch.is_grad_enabled():
+            grads = SecondOrderUnsupported.wrap(ctx.meta[0], params, grads, order="third")
+        return (None, None, None, grads[0], *(None,) * nres, *grads[1:])
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        saved = ctx.saved_tensors
+        nres = ctx.nres
+        ybar, result = saved[0], saved[1:1 + nres]
+        tybar, tparams = tangents[3], tangents[4 + nres:]
+        B = ybar.shape[0]
+        out = None
+        if tybar is not None:
+            out = _call_vjp(ctx.token, list(result), tybar.to(torch.float64), [True] * len(ctx.meta[2])).clone()
+        if any(t is not None for t in tparams):
+            w = flat_tangent(ctx.meta[2], tparams, B)
+            dp = _call_double_backward(ctx.token, result, ybar, w)[1]
+            out = dp if out is None else out + dp
+        if out is None:
+            out = torch.zeros((B, _layer(ctx.token).kernels.m), dtype=torch.float64)
+        return out
+
+
+def _output_tangents(meta, ydot, shapes, dtypes) -> list:
+    """One tangent per output group from the flat ``(B, n)`` ``ydot``."""
+    out = []
+    for (off, size), shape, dtype in zip(meta[1], shapes, dtypes):
+        blk = ydot if size == ydot.shape[1] else ydot[:, off:off + size]
+        out.append(blk.reshape(shape).to(dtype))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
 # the autograd Function
 
 
-def param_grads(meta, grads, params, flags, yshape, thetabar) -> list:
+def param_grads(meta, grads, params, flags, yshape, thetabar, token, result) -> list:
     """The parameters' gradients from the outputs' ``grads``: ``ybar`` ``(B, n)`` assembled from
     the output groups, ``thetabar(ybar)`` the per-sample ``(B, m)`` VJP, split into the groups
-    (summed over the batch for groups shared by it, or given with a batch of 1)."""
+    (summed over the batch for groups shared by it, or given with a batch of 1).
+
+    Under grad mode (``create_graph=True``, torch.func) the VJP is :class:`BackwardFunction` of
+    ``ybar`` and the parameters instead, with ``result`` the solve result's tensors: the gradients
+    are then differentiable (double backward, forward-over-reverse)."""
     name, outs, pgroups = meta
     k = len(outs)
     B, n = yshape
     gr = grads[0]
     if k == 1 and gr is not None and outs[0][1] == n:
         # one output covering y: its gradient is ybar
-        ybar = gr.detach().reshape(B, n)
+        ybar = gr.reshape(B, n)
         if ybar.dtype != torch.float64 or ybar.device.type != "cpu":
             ybar = ybar.to(dtype=torch.float64, device="cpu")
     else:
@@ -287,29 +544,17 @@ def param_grads(meta, grads, params, flags, yshape, thetabar) -> list:
             if g is None:
                 cols.append(torch.zeros((B, size), dtype=torch.float64))
             else:
-                cols.append(g.detach().reshape(B, size).to(dtype=torch.float64, device="cpu"))
+                cols.append(g.reshape(B, size).to(dtype=torch.float64, device="cpu"))
             pos = off + size
         if pos < n:
             cols.append(torch.zeros((B, n - pos), dtype=torch.float64))
         ybar = cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
-    pbar = thetabar(ybar)
-    out = []
-    for (off, size, ndim), t, need in zip(pgroups, params, flags):
-        if not need:
-            out.append(None)
-            continue
-        blk = pbar if size == pbar.shape[1] else pbar[:, off:off + size]
-        if t.dim() == ndim + 1 and t.shape[0] == B:
-            gt = blk.reshape(t.shape)
-        else:  # shared by the batch, or a batch of 1 broadcast over it
-            gt = blk.sum(dim=0).reshape(t.shape)
-        if gt.dtype != t.dtype or t.device.type != "cpu":
-            gt = gt.to(dtype=t.dtype, device=t.device)
-        out.append(gt)
     if torch.is_grad_enabled():
-        # create_graph=True: these gradients would be differentiated again
-        out = SecondOrderUnsupported.wrap(name, params, out)
-    return out
+        # create_graph=True: these gradients may be differentiated again
+        pbar = BackwardFunction.apply(token, _Static(meta, tuple(flags)), len(result), ybar, *result, *params)
+    else:
+        pbar = thetabar(ybar)
+    return split_flat(pgroups, pbar, params, flags)
 
 
 def call_meta(layout: dict, unknown_groups, param_groups) -> tuple:
@@ -368,24 +613,37 @@ class CompilableImplicitFunction(torch.autograd.Function):
             return (None,) * (3 + len(flags))
 
         def thetabar(ybar):
-            vjp = _vjp if direct(result) and direct((ybar,)) else vjp_op
-            return vjp(ctx.token, list(result), ybar, list(flags))
+            return _call_vjp(ctx.token, result, ybar, list(flags))
 
-        return (None, None, None, *param_grads(ctx.meta, grads, params, flags, result[0].shape, thetabar))
+        return (None, None, None, *param_grads(ctx.meta, grads, params, flags, result[0].shape, thetabar,
+                                               ctx.token, result))
 
 
 class ImplicitFunction(CompilableImplicitFunction):
     """:class:`CompilableImplicitFunction` with its forward-mode rule (eager mode and torch.func)."""
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        CompilableImplicitFunction.setup_context(ctx, inputs, output)
+        k = len(ctx.meta[1])
+        # for jvp: the result tensors are non-differentiable outputs (no grad_fn, so no reference
+        # cycle through this context); ctx.save_for_forward of tensors also saved for backward
+        # breaks the generated vmap rule of the backward
+        ctx.fw_result = tuple(output[k:])
+        ctx.out_shapes = tuple(tuple(o.shape) for o in output[:k])
+        ctx.out_dtypes = tuple(o.dtype for o in output[:k])
+
+    @staticmethod
     def jvp(ctx, *tangents):
-        # forward mode: dy = -(dF/dy)^{-1} (dF/dtheta) dtheta at y*, from the tensors setup_context
-        # saved; it needs a JVP kernel the generated modules do not have yet
-        raise NotImplementedError(
-            f"forward-mode derivatives through the implicit layer {ctx.meta[0]!r} are not supported yet "
-            f"(torch.func.jvp, torch.func.jacfwd, torch.autograd.forward_ad): use reverse mode instead "
-            f"(torch.func.vjp, torch.func.jacrev, torch.func.grad or loss.backward()), which is exact"
-        )
+        # forward mode: ydot = -(dF/dy)^{-1} (dF/dtheta) thetadot at y*, from the saved result
+        result = ctx.fw_result
+        tparams = tangents[3:]
+        B = result[0].shape[0]
+        if all(t is None for t in tparams):
+            ydot = torch.zeros(tuple(result[0].shape), dtype=torch.float64)
+        else:
+            ydot = _call_jvp(ctx.token, list(result), flat_tangent(ctx.meta[2], tparams, B))
+        return (*_output_tangents(ctx.meta, ydot, ctx.out_shapes, ctx.out_dtypes), *(None,) * len(result))
 
 
 class EagerImplicitFunction(torch.autograd.Function):
@@ -411,6 +669,9 @@ class EagerImplicitFunction(torch.autograd.Function):
         ctx.meta = meta
         ctx.res = res
         outs = outs[:k]
+        ctx.out_shapes = tuple(tuple(o.shape) for o in outs)
+        ctx.out_dtypes = tuple(o.dtype for o in outs)
+        ctx.info = info
         if info:
             # status is copied: the backward reads res.status (which samples get a gradient)
             extra = (torch.from_numpy(res.status.copy()), torch.from_numpy(res.iterations),
@@ -438,9 +699,24 @@ class EagerImplicitFunction(torch.autograd.Function):
                 pbar[res.status != st.CONVERGED] = np.nan
             return torch.from_numpy(pbar)
 
-        return (None, None, None, None, *param_grads(ctx.meta, grads, params, flags, res.y.shape, thetabar))
+        result = result_to_tensors(res, layer._result_names) if torch.is_grad_enabled() else None
+        return (None, None, None, None, *param_grads(ctx.meta, grads, params, flags, res.y.shape, thetabar,
+                                                     ctx.token, result))
 
-    jvp = ImplicitFunction.jvp
+    @staticmethod
+    def jvp(ctx, *tangents):
+        tparams = tangents[4:]
+        res = ctx.res
+        if all(t is None for t in tparams):
+            ydot = torch.zeros(res.y.shape, dtype=torch.float64)
+        else:
+            layer = _layer(ctx.token)
+            result = result_to_tensors(res, layer._result_names)
+            ydot = _call_jvp(ctx.token, result, flat_tangent(ctx.meta[2], tparams, res.y.shape[0]))
+        outs = _output_tangents(ctx.meta, ydot, ctx.out_shapes, ctx.out_dtypes)
+        if ctx.info:
+            outs += [None, None, None]
+        return tuple(outs)
 
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
@@ -453,43 +729,44 @@ def eager_call() -> bool:
 
 
 class SecondOrderUnsupported(torch.autograd.Function):
-    """Identity on the gradients an implicit layer's backward returns under
+    """Identity on the second derivatives an implicit layer's double backward returns under
     ``create_graph=True``, whose own backward raises :class:`NotImplementedError`.
 
-    The gradients then require grad (they depend on the parameters through ``y*``),
-    so a loss built from them cannot silently treat them as constants: differentiating
-    it raises, naming the layer.
+    They then require grad (they depend on the parameters through ``y*``), so a loss
+    built from them cannot silently treat them as constants: differentiating them
+    again (third order) raises, naming the layer.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(name, k, *tensors):
+    def forward(name, order, k, *tensors):
         return tuple(t.clone() for t in tensors[:k])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.layer_name = inputs[0]
+        ctx.order = inputs[1]
 
     @staticmethod
     def backward(ctx, *grads):
         raise NotImplementedError(
-            f"second-order derivatives through the implicit layer {ctx.layer_name!r} are not supported yet: "
-            f"the layer's backward pass (the implicit-function-theorem VJP) has no derivative of its own, so "
-            f"double backward, gradient penalties, Hessian-vector products and gradgradcheck through it cannot "
-            f"be computed. First-order gradients are exact: differentiate the layer's outputs without "
-            f"create_graph=True, or leave them out of the terms that are differentiated twice."
+            f"{ctx.order}-order derivatives through the implicit layer {ctx.layer_name!r} are not supported: "
+            f"the layer's double backward (the second-order implicit-function-theorem products) has no "
+            f"derivative of its own. First and second derivatives are exact (backward, double backward, "
+            f"gradient penalties, Hessian-vector products, torch.func.hessian); leave the second derivatives "
+            f"out of the terms that are differentiated again."
         )
 
     @classmethod
-    def wrap(cls, name: str, params, grads) -> list:
-        """``grads`` (one entry per parameter, ``None`` where not needed) passed through this node."""
+    def wrap(cls, name: str, params, grads, order: str = "third") -> list:
+        """``grads`` (``None`` where not needed) passed through this node."""
         idx = [i for i, g in enumerate(grads) if g is not None]
         # the parameters make the outputs require grad, and tie them into the graph
         anchors = [p for p in params if p.requires_grad]
         if not idx or not anchors:
             return list(grads)
-        wrapped = cls.apply(name, len(idx), *(grads[i] for i in idx), *anchors)
+        wrapped = cls.apply(name, order, len(idx), *(grads[i] for i in idx), *anchors)
         out = list(grads)
         for i, w in zip(idx, wrapped):
             out[i] = w

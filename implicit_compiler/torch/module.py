@@ -386,6 +386,10 @@ class ImplicitLayer(torch.nn.Module):
         state = {k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k not in skip}
         state["system"] = self.system  # the symbolic definition is immutable: shared
         state["kernels"] = self._make_kernels(self.kernels.module, self._kernel_kwargs())
+        lazy = getattr(self.kernels, "second_order", None)
+        if lazy is not None:
+            # the same module: the copy builds (or loads from the cache) the same second-order module
+            state["kernels"].second_order = type(lazy)(state["kernels"], lazy._build)
         new.__dict__.update(state)
         new._token = register(new)
         return new

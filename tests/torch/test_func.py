@@ -1,5 +1,5 @@
 """torch.func over implicit layers: vmap folds into the kernels' batch, grad and jacrev are exact,
-forward mode and second order raise clear errors. References: closed forms (tests/torch/pt_systems.py)
+forward mode and second order are exact. References: closed forms (tests/torch/pt_systems.py)
 and central finite differences."""
 
 import numpy as np
@@ -234,27 +234,31 @@ def test_jacrev_and_vmap_of_a_problem_layer(qp_layer, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------
-# what is not supported raises, naming the layer
+# forward mode and second order (tests/torch/test_second_order.py has the rest)
 
 
 # torch.func.jvp imports torch's jvp decompositions, which call the deprecated torch.jit.script
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-def test_forward_mode_is_a_clear_error(appendix_layer):
+def test_forward_mode_is_exact(appendix_layer):
     x = torch.tensor([[0.9]], dtype=torch.float64)
-    msg = "forward-mode derivatives through the implicit layer 'appendix' are not supported yet"
-    with pytest.raises(NotImplementedError, match=msg):
-        jvp(lambda t: appendix_layer(t, y0=Y0), (x,), (torch.ones_like(x),))
-    with pytest.raises(NotImplementedError, match=msg):
-        jacfwd(lambda t: appendix_layer(t, y0=Y0))(x)
+    _, dref = appendix_ref(0.9)
+    f = lambda t: appendix_layer(t, y0=Y0)  # noqa: E731
+    _, ydot = jvp(f, (x,), (torch.ones_like(x),))
+    np.testing.assert_allclose(ydot.numpy()[0], dref, rtol=1e-9)
+    torch.testing.assert_close(jacfwd(f)(x), jacrev(f)(x), rtol=0, atol=1e-10)
     import torch.autograd.forward_ad as fwAD
 
-    with fwAD.dual_level(), pytest.raises(NotImplementedError, match=msg):
-        appendix_layer(fwAD.make_dual(x, torch.ones_like(x)), y0=Y0)
+    with fwAD.dual_level():
+        out = appendix_layer(fwAD.make_dual(x, 2 * torch.ones_like(x)), y0=Y0)
+        np.testing.assert_allclose(fwAD.unpack_dual(out).tangent.numpy()[0], 2 * dref, rtol=1e-9)
 
 
-def test_second_order_through_torch_func_raises(appendix_layer):
+def test_second_order_through_torch_func_is_exact(appendix_layer):
     x = torch.tensor([0.9], dtype=torch.float64)
-    with pytest.raises(NotImplementedError, match="second-order derivatives through the implicit layer 'appendix'"):
-        jacrev(jacrev(lambda t: appendix_layer(t, y0=Y0)))(x)
-    with pytest.raises(NotImplementedError, match="second-order derivatives through the implicit layer 'appendix'"):
-        grad(lambda t: grad(lambda s: appendix_layer(s, y0=Y0).sum())(t).sum())(x)
+    # y1'' = 2/x^3; y2'' from y2 = sqrt(g), g = 4 - x^2 - 1/x^2
+    g1, g2, y2 = -2 * 0.9 + 2 / 0.9**3, -2 - 6 / 0.9**4, np.sqrt(4 - 0.81 - 1 / 0.81)
+    ref = np.array([2 / 0.9**3, g2 / (2 * y2) - g1**2 / (4 * y2**3)])
+    H = jacrev(jacrev(lambda t: appendix_layer(t, y0=Y0)))(x)
+    np.testing.assert_allclose(H.numpy()[:, 0, 0], ref, rtol=1e-9)
+    h = grad(lambda t: grad(lambda s: appendix_layer(s, y0=Y0).sum())(t).sum())(x)
+    np.testing.assert_allclose(h.numpy(), [ref.sum()], rtol=1e-9)

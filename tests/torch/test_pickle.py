@@ -231,6 +231,8 @@ def test_fresh_process_with_a_cache_directory_that_does_not_exist(models, tmp_pa
             torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
 
 
+# torch.func.jvp imports torch's jvp decompositions, which call the deprecated torch.jit.script
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_standalone_export_next_to_the_package(appendix_layer, tmp_path, monkeypatch):
     # an export inlines the torch boundary: its operators get their own namespace (no clash with the
     # package's), it works under torch.func, and pickling its layer is a clear error
@@ -246,3 +248,11 @@ def test_standalone_export_next_to_the_package(appendix_layer, tmp_path, monkeyp
     np.testing.assert_allclose(yv.numpy(), appendix_ref(x.numpy()[:, 0])[0], rtol=1e-10)
     with pytest.raises(m.ImplicitCompilerError, match="of a standalone export cannot be pickled.*state_dict"):
         pickle.dumps(m.layer)
+    # first order works; the second order needs the module generated from the symbolic system
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(m.layer(xr, y0=y0).sum(), xr, create_graph=True)
+    np.testing.assert_allclose(g.detach().numpy()[:, 0], appendix_ref(x.numpy()[:, 0])[1].sum(-1), rtol=1e-9)
+    with pytest.raises(NotImplementedError, match="double backward .* 'appendix' needs its second-order module"):
+        g.sum().backward()
+    with pytest.raises(NotImplementedError, match="forward-mode differentiation .* 'appendix' needs its second-order"):
+        torch.func.jvp(lambda t: m.layer(t, y0=y0), (x,), (torch.ones_like(x),))

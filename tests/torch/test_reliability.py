@@ -1,4 +1,4 @@
-"""What the torch boundary protects against: double backward, in-place changes of inputs,
+"""What the torch boundary protects against: double backward (exact, never a silent zero), in-place changes of inputs,
 writes through an output's NumPy view, unusual dtypes and argument types, batch-1 broadcasting.
 
 References are closed forms:
@@ -21,7 +21,6 @@ Y0 = torch.tensor([1.0, 1.5], dtype=torch.float64)
 # all arrays of the kernels' ArrayPool (runtime/kernels.py), reused once nothing references them
 POOL_B = 8192
 INPLACE = "modified by an inplace operation"
-SECOND_ORDER = "second-order derivatives through the implicit layer"
 # Newton stops at ||F||_inf <= 1e-10 (the default tol): y* and its gradients agree with the closed forms to
 # about 1e-11 relative; 1e-12 holds only where the residual is linear in y
 RTOL = 1e-9
@@ -81,44 +80,51 @@ def cos_grad(y, t):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 1. double backward is an error naming the layer, never a silent zero
+# 1. double backward is exact, never a silent zero (tests/torch/test_second_order.py has the rest)
 
 
-def test_gradient_penalty_through_residual_layer_raises(appendix_layer):
+def appendix_second(x):
+    """(y1'', y2'') in closed form: y1 = 1/x, y2 = sqrt(g), g = 4 - x^2 - 1/x^2."""
+    x = np.asarray(x, dtype=np.float64)
+    y2 = np.sqrt(4 - x**2 - x**-2)
+    g1, g2 = -2 * x + 2 * x**-3, -2 - 6 * x**-4
+    return np.stack([2 * x**-3, g2 / (2 * y2) - g1**2 / (4 * y2**3)], axis=-1)
+
+
+def test_gradient_penalty_through_residual_layer_is_exact(appendix_layer):
     x = torch.tensor([[0.9]], dtype=torch.float64, requires_grad=True)
     y = appendix_layer(x, y0=Y0)
     (g,) = torch.autograd.grad(y[:, 0].sum(), x, create_graph=True)
     # the first-order value is exact, and it is not detached from x
     assert g.item() == pytest.approx(-1 / 0.81, abs=1e-12)
     assert g.requires_grad
-    with pytest.raises(NotImplementedError, match=f"{SECOND_ORDER} 'appendix' are not supported yet"):
-        (g**2).sum().backward()
-    assert x.grad is None
+    (g**2).sum().backward()
+    # d/dx (y1')^2 = 2 y1' y1'' = 2 (-1/x^2)(2/x^3)
+    assert x.grad.item() == pytest.approx(-4 / 0.9**5, rel=1e-9)
     # a penalty added to an ordinary loss: the case that used to contribute 0 silently
+    x.grad = None
     y = appendix_layer(x, y0=Y0)
     (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
     _, dsum = appendix_ref(0.9)
     assert g.item() == pytest.approx(dsum, abs=1e-12)
-    with pytest.raises(NotImplementedError, match=SECOND_ORDER):
-        (y.sum() + 0.1 * (g**2).sum()).backward()
+    (y.sum() + 0.1 * (g**2).sum()).backward()
+    assert x.grad.item() == pytest.approx(dsum + 0.2 * dsum * appendix_second(0.9).sum(), rel=1e-9)
     y = appendix_layer(x, y0=Y0)
     (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
-    with pytest.raises(NotImplementedError, match=SECOND_ORDER):
-        torch.autograd.grad(g.sum(), x)
+    (h,) = torch.autograd.grad(g.sum(), x)
+    assert h.item() == pytest.approx(appendix_second(0.9).sum(), rel=1e-9)
 
 
-def test_gradgradcheck_raises_instead_of_passing(appendix_layer, two_layer):
+def test_gradgradcheck_passes(appendix_layer, two_layer):
     xs = torch.tensor([[0.9], [1.1]], dtype=torch.float64, requires_grad=True)
-    with pytest.raises(NotImplementedError, match=f"{SECOND_ORDER} 'appendix'"):
-        torch.autograd.gradgradcheck(lambda t: appendix_layer(t, y0=Y0), (xs,))
+    assert torch.autograd.gradgradcheck(lambda t: appendix_layer(t, y0=Y0), (xs,))
     a = torch.tensor([2.0, 3.0], dtype=torch.float64, requires_grad=True)
     b = torch.tensor([0.5, -1.0], dtype=torch.float64, requires_grad=True)
     c = torch.tensor([2.0, 10.0], dtype=torch.float64, requires_grad=True)
-    with pytest.raises(NotImplementedError, match=SECOND_ORDER):
-        torch.autograd.gradgradcheck(lambda *t: two_layer(*t), (a, b, c))
+    assert torch.autograd.gradgradcheck(lambda *t: two_layer(*t), (a, b, c))
 
 
-def test_second_order_raises_for_every_group_that_got_a_gradient(two_layer):
+def test_second_order_for_every_group_that_got_a_gradient(two_layer):
     a = torch.tensor([2.0, 3.0], dtype=torch.float64, requires_grad=True)
     b = torch.tensor(5.0, dtype=torch.float64)  # no grad: gets none
     c = torch.tensor([2.0, 10.0], dtype=torch.float64, requires_grad=True)
@@ -129,31 +135,47 @@ def test_second_order_raises_for_every_group_that_got_a_gradient(two_layer):
     # d(v^2)/dc = 2 v dv/dc, where v^2 is an ordinary torch op on the layer's output
     np.testing.assert_allclose(gc.detach().numpy(), 2 * vr * dvc, rtol=1e-12, atol=0)
     assert ga.requires_grad and gc.requires_grad
-    for g in (ga, gc):
-        with pytest.raises(NotImplementedError, match=SECOND_ORDER):
-            torch.autograd.grad(g.sum(), (a, c), retain_graph=True, allow_unused=True)
+    # ga = b does not depend on a or c; gc' = 2 (dv/dc)^2 + 2 v d2v/dc2, d2v/dc2 = -6 v (dv/dc)^3
+    gaa, gac = torch.autograd.grad(ga.sum(), (a, c), retain_graph=True, materialize_grads=True)
+    assert gaa.tolist() == [0.0, 0.0] and gac.tolist() == [0.0, 0.0]
+    gca, gcc = torch.autograd.grad(gc.sum(), (a, c), materialize_grads=True)
+    assert gca.tolist() == [0.0, 0.0]
+    np.testing.assert_allclose(gcc.numpy(), 2 * dvc**2 - 12 * vr**2 * dvc**3, rtol=1e-9)
 
 
-def test_second_order_raises_for_problem_and_fixed_point_layers(sphere_layer, cos_layer):
+def test_second_order_of_problem_and_fixed_point_layers(sphere_layer, cos_layer):
     a = torch.tensor([1.0, 0.2, 0.1], dtype=torch.float64, requires_grad=True)
     y = sphere_layer(a, y0=SPHERE_Y0)
     w = np.array([0.3, -1.0, 2.0])
     (g,) = torch.autograd.grad((y * torch.from_numpy(w)).sum(), a, create_graph=True)
     np.testing.assert_allclose(g.detach().numpy(), sphere_grad(a.detach().numpy(), w), rtol=0, atol=1e-9)
-    with pytest.raises(NotImplementedError, match=f"{SECOND_ORDER} 'Problem'"):
-        (g**2).sum().backward()
-    with pytest.raises(NotImplementedError, match=SECOND_ORDER):
-        torch.autograd.gradgradcheck(lambda t: sphere_layer(t, y0=SPHERE_Y0), (a,))
+    (g**2).sum().backward()
+
+    def penalty(a0):
+        return (sphere_grad(a0, w) ** 2).sum()
+
+    a0, eps = a.detach().numpy(), 1e-6
+    ref = [(penalty(a0 + eps * e) - penalty(a0 - eps * e)) / (2 * eps) for e in np.eye(3)]
+    np.testing.assert_allclose(a.grad.numpy(), ref, rtol=0, atol=1e-7)
+    assert torch.autograd.gradgradcheck(lambda t: sphere_layer(t, y0=SPHERE_Y0), (a,))
 
     t = torch.tensor([[0.5], [1.0]], dtype=torch.float64, requires_grad=True)
     y = cos_layer(t)
     (g,) = torch.autograd.grad(y.sum(), t, create_graph=True)
     np.testing.assert_allclose(g.detach().numpy(), cos_grad(y.detach().numpy(), t.detach().numpy()),
                                rtol=1e-9, atol=0)
-    with pytest.raises(NotImplementedError, match=SECOND_ORDER):
-        (g**2).sum().backward()
-    with pytest.raises(NotImplementedError, match=SECOND_ORDER):
-        torch.autograd.gradgradcheck(lambda s: cos_layer(s), (t,))
+    (g**2).sum().backward()
+
+    def cos_penalty(tt):
+        # the closed-form first derivative at the layer's solution, per sample
+        with torch.no_grad():
+            yy = cos_layer(torch.from_numpy(tt)).numpy()
+        return cos_grad(yy, tt) ** 2
+
+    t0, eps = t.detach().numpy(), 1e-5
+    ref = (cos_penalty(t0 + eps) - cos_penalty(t0 - eps)) / (2 * eps)
+    np.testing.assert_allclose(t.grad.numpy(), ref, rtol=0, atol=1e-5)
+    assert torch.autograd.gradgradcheck(lambda s: cos_layer(s), (t,), atol=1e-6)
 
 
 def test_create_graph_without_second_differentiation_is_fine(appendix_layer):
