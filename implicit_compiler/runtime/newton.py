@@ -131,17 +131,6 @@ def residual_ok(n, F, S, ftol, rtol):
 
 
 @njit(cache=True, inline="always")
-def converged_linearly(step, prev, prev2):
-    """Whether the last steps shrank linearly (a degenerate root): the final step is more
-    than ``LINEAR_RATE`` times the one before, or, when F is exactly zero at the last iterate
-    (the step is 0: a residual like ``E - sin E`` underflows near a triple root), the step
-    before it was more than ``LINEAR_RATE`` times its predecessor."""
-    if prev > 0.0 and step > LINEAR_RATE * prev:
-        return True
-    return step == 0.0 and prev2 > 0.0 and prev > LINEAR_RATE * prev2
-
-
-@njit(cache=True, inline="always")
 def factor_checked(n, residual_jacobian, factor, factor_dense, y, p, F, J, piv, tab):
     """Factor J; if the fixed-order sparse elimination rejects a pivot (returns < 0),
     re-evaluate J and fall back to dense LU with partial pivoting."""
@@ -210,7 +199,6 @@ def newton_one(n, m, residual, residual_jacobian, residual_scale, factor, factor
     fn2 = norm2(n, F)
     it = 0
     prev = 0.0  # length of the last step taken
-    prev2 = 0.0  # and of the one before
     while True:
         min_pivot = factor_checked(n, residual_jacobian, factor, factor_dense, y, p, F, J, piv, tab)
         if not (min_pivot > 0.0):
@@ -230,7 +218,7 @@ def newton_one(n, m, residual, residual_jacobian, residual_scale, factor, factor
             residual_scale(y, p, S, tab)
             res_ok = residual_ok(n, F, S, ftol, rtol)
         if step <= xs and res_ok:
-            linear = converged_linearly(step, prev, prev2)
+            linear = prev > 0.0 and step > LINEAR_RATE * prev
             # Take the final (tiny) Newton step: the returned y is then accurate to
             # O(step^2); F and J are evaluated and factored again there.
             for i in range(n):
@@ -271,7 +259,6 @@ def newton_one(n, m, residual, residual_jacobian, residual_scale, factor, factor
                 # not determined to xtol (degenerate, or too ill-conditioned).
                 return st.SINGULAR_AT_SOLUTION
             return st.LINE_SEARCH_FAILED
-        prev2 = prev
         prev = t * step
         for i in range(n):
             y[i] = yt[i]
