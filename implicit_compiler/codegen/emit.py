@@ -102,9 +102,6 @@ class FamilyLoop:
         out += [f"{i1}s{k} = tab[k + {k + 1}]" for k in range(len(f.slots))]
         return out
 
-    def slot_target(self, k: int) -> str:
-        return f"s{k}"
-
 
 def _loops(d, tables) -> list[FamilyLoop]:
     if tables is None:
@@ -242,11 +239,6 @@ def _compressed(mask: np.ndarray, by_rows: bool):
     ptr = np.concatenate([[0], np.cumsum(counts)]).astype(int)
     idx = np.concatenate([np.flatnonzero(row) for row in m] + [np.zeros(0, dtype=int)]).astype(int)
     return ptr, idx
-
-
-def _int_array(name: str, values) -> str:
-    body = ", ".join(str(int(v)) for v in values)
-    return f"{name} = np.array([{body}], dtype=np.int64)"
 
 
 def _kernels_factor_sparse_loops(d, pivot_threshold: float, tables: Tables):
