@@ -19,21 +19,9 @@ import torch
 import implicit_compiler as ic
 from implicit_compiler.derive import jacobians
 from implicit_compiler.runtime.signatures import decode_tables
+from tests.derive.test_families import bratu
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def bratu(n, perturb=None):
-    u = sp.symbols(f"u0:{n}")
-    lam = sp.Symbol("lam")
-    h2 = sp.Integer(n + 1) ** 2
-    res = []
-    for i in range(n):
-        left = u[i - 1] if i > 0 else 0
-        right = u[i + 1] if i < n - 1 else 0
-        c = sp.Integer(3) if i == perturb else sp.Integer(2)
-        res.append((left - c * u[i] + right) * h2 + lam * sp.exp(u[i]))
-    return ic.ResidualSystem(residuals=res, unknowns=list(u), params={"lam": lam})
 
 
 def dense_tanh(n):
