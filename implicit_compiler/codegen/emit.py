@@ -450,7 +450,8 @@ def _kernels_scalar(d, param_groups):
     f += _nan_max_lines(I1, "fnorm", Fs)
     f += [f"{I1}INFO[b, 1] = fnorm", f"{I1}if not math.isfinite(fnorm):", f"{I2}return NONFINITE"]
     f += norm2(I1, "fn2", Fs, "fnorm")
-    f += [f"{I1}it = 0", f"{I1}prev = 0.0", f"{I1}final = False", f"{I1}linear = False",
+    f += [f"{I1}it = 0", f"{I1}prev = 0.0", f"{I1}prev_full = False", f"{I1}nlin = 0",
+          f"{I1}final = False", f"{I1}linear = False",
           f"{I1}minp = 0.0", f"{I1}status = CONVERGED"]
     f += [f"{I1}piv_{k} = {k}" for k in range(n)]
     f += [f"{I1}u_{i} = y_{i}" for i in range(n)]
@@ -493,7 +494,7 @@ def _kernels_scalar(d, param_groups):
     f += _nan_max_lines(I2, "ynorm", ys)
     f += [f"{I2}xs = xtol * (yfloor + ynorm)"]
     f += [f"{I2}if step <= xs and res_ok:",
-          f"{I3}linear = prev > 0.0 and step > LINEAR_RATE * prev"]
+          f"{I3}linear = converged_linearly(step, prev, nlin)"]
     f += [f"{I3}u_{i} = y_{i} + d_{i}" for i in range(n)]
     f += [f"{I3}final = True", f"{I2}else:"]
     f += [f"{I3}if it >= max_iter:", f"{I4}status = MAX_ITERATIONS", f"{I4}break"]
@@ -509,7 +510,8 @@ def _kernels_scalar(d, param_groups):
     f += [f"{I3}if not accepted:",
           f"{I4}if not finite_trial:", f"{I5}status = NONFINITE",
           f"{I4}else:", f"{I5}status = SINGULAR_AT_SOLUTION if res_ok else LINE_SEARCH_FAILED", f"{I4}break"]
-    f += [f"{I3}prev = t * step", f"{I3}it += 1"]
+    f += [f"{I3}nlin = linear_run(nlin, t == 1.0 and prev_full, step, prev)", f"{I3}prev_full = t == 1.0",
+          f"{I3}prev = t * step", f"{I3}it += 1"]
     f += [f"{I2}y_{i} = u_{i}" for i in range(n)]
     f += _scalar_res_jac(d, ymap, I2)
     f += _nan_max_lines(I2, "fnorm", Fs)
@@ -814,7 +816,8 @@ def _header(d, layout, key) -> str:
               "                                              sparse_lu_solve_transpose)",
               "from implicit_compiler.runtime.status import (CONVERGED, LINE_SEARCH_FAILED, MAX_ITERATIONS, NONFINITE,",
               "                                              SINGULAR_AT_SOLUTION, SINGULAR_JACOBIAN)",
-              "from implicit_compiler.runtime.newton import ARMIJO_C, LINEAR_RATE, MIN_STEP, nan_max",
+              "from implicit_compiler.runtime.newton import (ARMIJO_C, MIN_STEP, converged_linearly, linear_run,",
+              "                                              nan_max)",
               "from implicit_compiler.runtime.signatures import (FACTOR, JACOBIAN, RESIDUAL, SCALE, SOLVE, VJP_PARAMS,",
               "                                                  decode_tables as _tables)"]
     return "\n".join(lines) + "\n"

@@ -26,8 +26,10 @@ exist or is not determined) when
   row- and column-equilibrated J(y*) is below ``singular_tol`` (invariant under
   scaling any residual or any unknown);
 * the iteration converged linearly: the last step is more than ``LINEAR_RATE`` times
-  the one before (Newton's steps shrink quadratically at a regular root and by
-  half per step at a double root);
+  the one before (Newton's steps shrink quadratically at a regular root, by half per
+  step at a double root and by 2/3 at a triple root); or the last step is exactly zero
+  (F underflowed to 0.0, as ``E - sin E`` does near its triple root ``E = 0``) after at
+  least ``LINEAR_STEPS`` full Newton steps in a row that each shrank linearly;
 * the residual meets its test but the line search cannot reduce it any further
   while the Newton step is still above the step tolerance (F is zero to rounding,
   yet y is not determined to xtol: the root is degenerate or too ill-conditioned).
@@ -44,6 +46,10 @@ MIN_STEP = 1e-10
 # Converged steps shrinking by more than this factor per step count as linear convergence
 # (a double root halves the step; a regular root squares it).
 LINEAR_RATE = 0.25
+# A zero final step after this many full steps in a row that shrank linearly is a degenerate
+# root whose residual rounded to exactly zero, not a regular root reached to rounding (there
+# the last steps before F = 0 shrink quadratically).
+LINEAR_STEPS = 3
 
 
 @njit(cache=True, inline="always")
@@ -131,6 +137,26 @@ def residual_ok(n, F, S, ftol, rtol):
 
 
 @njit(cache=True, inline="always")
+def linear_run(nlin, full, step, prev):
+    """Full Newton steps in a row that shrank linearly, after one more accepted step of
+    length ``step``: ``full`` when it and the step before (of length ``prev``) were both
+    full Newton steps (no damping, not cut by a trust region)."""
+    if full and prev > 0.0 and step > LINEAR_RATE * prev:
+        return nlin + 1
+    return 0
+
+
+@njit(cache=True, inline="always")
+def converged_linearly(step, prev, nlin):
+    """Whether a converged iteration reached its point linearly (a degenerate root): the
+    final Newton step is more than ``LINEAR_RATE`` times the step before, or it is exactly
+    zero after ``nlin >= LINEAR_STEPS`` linearly shrinking full steps."""
+    if prev > 0.0 and step > LINEAR_RATE * prev:
+        return True
+    return step == 0.0 and nlin >= LINEAR_STEPS
+
+
+@njit(cache=True, inline="always")
 def factor_checked(n, residual_jacobian, factor, factor_dense, y, p, F, J, piv, tab):
     """Factor J; if the fixed-order sparse elimination rejects a pivot (returns < 0),
     re-evaluate J and fall back to dense LU with partial pivoting."""
@@ -199,6 +225,8 @@ def newton_one(n, m, residual, residual_jacobian, residual_scale, factor, factor
     fn2 = norm2(n, F)
     it = 0
     prev = 0.0  # length of the last step taken
+    prev_full = False  # whether it was the full Newton step
+    nlin = 0  # full steps in a row that shrank linearly (linear_run)
     while True:
         min_pivot = factor_checked(n, residual_jacobian, factor, factor_dense, y, p, F, J, piv, tab)
         if not (min_pivot > 0.0):
@@ -218,7 +246,7 @@ def newton_one(n, m, residual, residual_jacobian, residual_scale, factor, factor
             residual_scale(y, p, S, tab)
             res_ok = residual_ok(n, F, S, ftol, rtol)
         if step <= xs and res_ok:
-            linear = prev > 0.0 and step > LINEAR_RATE * prev
+            linear = converged_linearly(step, prev, nlin)
             # Take the final (tiny) Newton step: the returned y is then accurate to
             # O(step^2); F and J are evaluated and factored again there.
             for i in range(n):
@@ -259,6 +287,8 @@ def newton_one(n, m, residual, residual_jacobian, residual_scale, factor, factor
                 # not determined to xtol (degenerate, or too ill-conditioned).
                 return st.SINGULAR_AT_SOLUTION
             return st.LINE_SEARCH_FAILED
+        nlin = linear_run(nlin, t == 1.0 and prev_full, step, prev)
+        prev_full = t == 1.0
         prev = t * step
         for i in range(n):
             y[i] = yt[i]

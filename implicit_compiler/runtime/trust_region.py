@@ -40,10 +40,11 @@ from numba import njit
 
 from . import status as st
 from .newton import (
-    LINEAR_RATE,
     all_finite,
+    converged_linearly,
     factor_checked,
     inf_norm,
+    linear_run,
     reevaluate,
     residual_ok,
     solution_status,
@@ -216,6 +217,7 @@ def trust_region_one(n, m, residual, residual_jacobian, residual_scale, factor, 
     bnorm = 0.0
     need_factor = True
     prev = 0.0  # length of the last accepted step if it was the full Newton step, else 0
+    nlin = 0  # full Newton steps in a row that shrank linearly (newton.linear_run)
     full = False
     while True:
         if need_factor:
@@ -245,7 +247,7 @@ def trust_region_one(n, m, residual, residual_jacobian, residual_scale, factor, 
                     # As newton_one: take the final Newton step, evaluate and factor
                     # dF/dy there again, and classify the point; Newton steps that shrank
                     # only linearly mean a degenerate root (see newton.LINEAR_RATE).
-                    linear = prev > 0.0 and step > LINEAR_RATE * prev
+                    linear = converged_linearly(step, prev, nlin)
                     for i in range(n):
                         y[i] += d[i]
                     reevaluate(n, residual_jacobian, y, p, F, J, piv, tab)
@@ -308,7 +310,9 @@ def trust_region_one(n, m, residual, residual_jacobian, residual_scale, factor, 
             nslow += 1
         if ratio >= TR_ACCEPT and all_finite(n, Ft):
             first = False
-            prev = inf_norm(n, s) if full else 0.0
+            snorm = inf_norm(n, s)
+            nlin = linear_run(nlin, full, snorm, prev)
+            prev = snorm if full else 0.0
             for i in range(n):
                 y[i] = yt[i]
             residual_jacobian(y, p, F, Jc, tab)

@@ -424,3 +424,69 @@ def test_equilibrated_condition_number_and_row_scaled_pivoting(n):
             conds.append(anorm * est)
             np.testing.assert_allclose(bb, xs, rtol=max(1e-12, 1e-15 * np.linalg.cond(Me)))
         assert conds[1] == pytest.approx(conds[0], rel=max(1e-12, 1e-15 * conds[0]))
+
+
+def _kepler_block(extra):
+    """Kepler's ``E - e sin E = M`` plus ``extra`` decoupled linear rows ``z_k - c_k = 0``
+    (with ``extra >= 6`` the system leaves the scalar-kernel path for the generic drivers)."""
+    E, M, e = sp.symbols("E M e")
+    z = sp.symbols(f"z0:{extra}") if extra else ()
+    c = sp.symbols(f"c0:{extra}") if extra else ()
+    res = [E - e * sp.sin(E) - M] + [zk - ck for zk, ck in zip(z, c)]
+    unknowns = {"E": E, **({"z": sp.Matrix(z)} if extra else {})}
+    params = {"M": M, "e": e, **({"c": sp.Matrix(c)} if extra else {})}
+    return ic.ResidualSystem(res, unknowns=unknowns, params=params)
+
+
+@pytest.mark.parametrize("method", ["newton", "trust-region"])
+@pytest.mark.parametrize("extra", [0, 7])
+def test_triple_root_whose_residual_underflows_to_zero_is_not_converged(tmp_path, method, extra):
+    """Kepler at e = 1, M = 0 has a triple root at E = 0: Newton's steps shrink by 2/3 per step,
+    and near E ~ 1e-8 the residual ``E - sin E`` is exactly 0.0 in floating point, so the final
+    step is 0 and a 1x1 Jacobian (1 - cos E ~ 2e-16) is perfectly conditioned after
+    equilibration. The run of linearly shrinking steps before the zero step is what tells the
+    root is degenerate; dE/dM (~ 5e15 there) must not be returned as a gradient. Regular roots in
+    the same batch, and regular roots whose residual is exactly zero after one step, converge."""
+    system = _kepler_block(extra)
+    layer = ic.compile(system, cache_dir=tmp_path, method=method)
+    Ms = np.array([0.0, 0.1, 0.0, 1.0, 0.0, 1e-3])
+    es = np.array([1.0, 1.0, 0.5, 0.3, 1.0, 1.0])
+    E0 = [1.0, 1.0, 1.0, 1.0, -0.5, 1.0]
+    B = len(Ms)
+    args = [torch.tensor(Ms), torch.tensor(es)]
+    y0 = torch.tensor([[E0[b]] + [0.5] * extra for b in range(B)])
+    if extra:
+        args.append(torch.linspace(-1.0, 1.0, extra, dtype=torch.float64).repeat(B, 1))
+    res = layer.solve(*args, y0=y0)
+    S = ic.Status
+    assert res.status[0] == S.SINGULAR_AT_SOLUTION and res.status[4] == S.SINGULAR_AT_SOLUTION
+    good = [1, 2, 3, 5]
+    assert [res.status[b] for b in good] == [S.CONVERGED] * 4
+    E_ = res.y[good, 0]
+    np.testing.assert_allclose(E_ - es[good] * np.sin(E_), Ms[good], rtol=0, atol=1e-14)
+    if extra:
+        np.testing.assert_allclose(res.y[good, 1:], np.linspace(-1.0, 1.0, extra)[None].repeat(4, 0), rtol=0,
+                                   atol=1e-15)
+    # e = 1, M = 0 from the root itself: F = 0 and a zero pivot at the start
+    start = torch.cat([torch.zeros(1, 1), args[2][:1]], 1) if extra else torch.zeros(1, 1)
+    res0 = layer.solve(*[a[:1] for a in args], y0=start)
+    assert res0.status[0] == S.SINGULAR_AT_SOLUTION
+
+
+def test_regular_roots_reached_exactly_are_converged(tmp_path):
+    """The zero-step rule must not flag regular roots whose residual rounds to exactly zero:
+    linear systems (one step, then F = 0), ``y^2 = x`` from far away (Newton halves its steps
+    for a while before converging quadratically; F = 0 exactly at sqrt(4) = 2) and a
+    piecewise-linear residual."""
+    y, x = sp.symbols("y x")
+    for residual, xs, y0, ref in (
+        (y**2 - x, [4.0, 9.0, 16.0, 1e6], 1e3, np.sqrt),
+        (3 * y - x, [4.0, -9.0, 0.0, 1e6], 1e3, lambda v: v / 3),
+        (y + sp.Abs(y) / 2 - x, [3.0, -1.0, 0.0, 1.5], 5.0, lambda v: np.where(v > 0, v / 1.5, v / 0.5)),
+    ):
+        system = ic.ResidualSystem([residual], unknowns={"y": y}, params={"x": x})
+        for method in ("newton", "trust-region"):
+            layer = ic.compile(system, cache_dir=tmp_path, method=method)
+            res = layer.solve(torch.tensor(xs), y0=torch.tensor([y0]))
+            assert list(res.status) == [ic.Status.CONVERGED] * len(xs), (residual, method, res.status)
+            np.testing.assert_allclose(res.y[:, 0], ref(np.array(xs)), rtol=1e-14, atol=0)
