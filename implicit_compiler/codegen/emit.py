@@ -19,7 +19,8 @@ The module holds, for that system only:
   solvers in :mod:`implicit_compiler.runtime` (the trust-region driver always does).
 
 Expression kernels are printed from SymPy with :class:`NumbaPrinter` and compiled
-once each, eagerly, for their signature in :mod:`implicit_compiler.runtime.signatures`;
+once each, for their signature in :mod:`implicit_compiler.runtime.signatures`, when a
+wrapper that reaches them is first compiled;
 the solvers are the runtime drivers of :mod:`implicit_compiler.runtime.drivers`
 (compiled once per installation), bound to the module's kernels by small wrappers.
 """
@@ -40,9 +41,12 @@ CHUNK = 64  # samples per prange work item of the scalar-kernel drivers
 
 
 def _decorator(signature: str) -> str:
-    """Expression kernels are compiled once, eagerly, for their one signature
-    (:mod:`implicit_compiler.runtime.signatures`), and called through a function pointer."""
-    return f"@njit({signature}, cache=True, error_model='numpy')"
+    """Expression kernels are compiled once, for their one signature
+    (:mod:`implicit_compiler.runtime.signatures`), when the first wrapper that calls them
+    through a function pointer is compiled (``_function(kernel, signature)``): a module
+    compiles only the kernels its calls reach (a small system's scalar Newton never needs
+    the generic ``residual_jacobian``)."""
+    return f"@njit(cache=True, error_model='numpy')  # {signature}, compiled when first bound"
 
 
 def slot_map(unknowns, params) -> dict:
@@ -816,8 +820,9 @@ def _header(d, layout, key) -> str:
               "                                              sparse_lu_solve_transpose)",
               "from implicit_compiler.runtime.status import (CONVERGED, LINE_SEARCH_FAILED, MAX_ITERATIONS, NONFINITE,",
               "                                              SINGULAR_AT_SOLUTION, SINGULAR_JACOBIAN)",
-              "from implicit_compiler.runtime.newton import (ARMIJO_C, MIN_STEP, converged_linearly, linear_run,",
-              "                                              nan_max)",
+              "from implicit_compiler.runtime.scalar import ARMIJO_C, MIN_STEP",
+              "from implicit_compiler.runtime.scalar import converged_linearly_s as converged_linearly",
+              "from implicit_compiler.runtime.scalar import linear_run_s as linear_run, nan_max_s as nan_max",
               "from implicit_compiler.runtime.signatures import (FACTOR, JACOBIAN, RESIDUAL, SCALE, SOLVE, VJP_PARAMS,",
               "                                                  decode_tables as _tables)"]
     return "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ import threading
 
 import numpy as np
 from numba import njit, prange, types
+from numba.core.compiler_lock import global_compiler_lock
 from numba.core.types import WrapperAddressProtocol
 from numba.experimental.function_type import _get_wrapper_address
 
@@ -404,14 +405,28 @@ class _Entry(WrapperAddressProtocol):
     """A compiled function (a driver or a kernel) as a first-class function value: a
     wrapper in a generated module refers to it by address, so compiling the wrapper
     neither links nor re-optimises its code (naming the dispatcher would: measured ~1 s
-    per wrapper for a 30-unknown system)."""
+    per wrapper for a 30-unknown system).
 
-    def __init__(self, dispatcher, sig):
+    The function is compiled (or loaded from Numba's cache) for ``sig`` only when its
+    address is first needed, i.e. when the first wrapper that calls it is compiled: a
+    module binds every kernel and driver it might use, and compiles those a call reaches."""
+
+    def __init__(self, dispatcher, sig, prepare=None):
         self.dispatcher = dispatcher
         self._sig = sig
-        self._addr = _get_wrapper_address(dispatcher, sig)
+        self._prepare = prepare
+        self._addr = None
 
     def __wrapper_address__(self):
+        if self._addr is None:
+            # Numba's own compiler lock: this runs inside the compilation of the wrapper that
+            # needs the address, so any other lock could deadlock against a second thread
+            # compiling another wrapper.
+            with global_compiler_lock:
+                if self._addr is None:
+                    if self._prepare is not None:
+                        self._prepare()
+                    self._addr = _get_wrapper_address(self.dispatcher, self._sig)
         return self._addr
 
     def signature(self):
@@ -419,12 +434,13 @@ class _Entry(WrapperAddressProtocol):
 
 
 def function(dispatcher, sig) -> _Entry:
-    """A generated kernel, compiled for ``sig``, as a first-class function (see :class:`_Entry`)."""
+    """A generated kernel, compiled for ``sig`` when first bound (see :class:`_Entry`)."""
     return _Entry(dispatcher, sig)
 
 
 def driver(name: str) -> _Entry:
-    """The driver ``name``, compiled for its one signature (or loaded from Numba's cache)."""
+    """The driver ``name``, compiled for its one signature (or loaded from Numba's cache) when
+    the first wrapper that calls it is compiled."""
     got = _entries.get(name)
     if got is None:
         with _lock:
@@ -432,7 +448,10 @@ def driver(name: str) -> _Entry:
             if got is None:
                 fn = globals().get("drive_" + name) or globals()[name]
                 sig = _SIGNATURES[name]
-                fn.compile(sig)
-                fn.disable_compile()
-                got = _entries[name] = _Entry(fn, sig)
+
+                def prepare(fn=fn, sig=sig):
+                    fn.compile(sig)
+                    fn.disable_compile()
+
+                got = _entries[name] = _Entry(fn, sig, prepare)
     return got

@@ -59,7 +59,7 @@ def _runtime_locator(base):
 def install() -> None:
     """Put the runtime locators in front of Numba's (idempotent). Must run before the first
     ``@njit(cache=True)`` of this package is decorated: ``runtime/__init__`` calls it."""
-    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl")
+    impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl
     classes = impl._locator_classes
     if any(getattr(c, "_implicit_compiler_runtime", False) for c in classes):
         return
