@@ -55,9 +55,10 @@ that autograd can see raises torch's "modified by an inplace operation" error.
 
 Third-order derivatives are not available: the double backward's results carry a
 node whose backward raises (:class:`SecondOrderUnsupported`), so differentiating
-them again is an error, never zero. A layer loaded without its symbolic system (a
-standalone export) has no second-order module: forward mode and double backward
-raise :class:`NotImplementedError` naming the layer.
+them again is an error, never zero. A layer without its symbolic system (a standalone
+export) has no second-order module: forward mode and double backward raise
+:class:`NotImplementedError` naming the layer. A layer restored by ``pickle`` /
+``torch.load`` carries its system and gets its second-order module back.
 """
 
 from __future__ import annotations
@@ -277,16 +278,17 @@ def layer_second_order(layer, what: str):
     if lazy is None and getattr(layer, "system", None) is not None:
         raise NotImplementedError(
             f"{what} through the implicit layer {layer.layout['name']!r} needs its second-order module, which "
-            f"this layer was restored without (pickle / torch.load keep the first-order module only). Build the "
-            f"layer again with implicit_compiler.compile(layer.system) to use forward mode or double backward; "
-            f"first-order reverse mode (loss.backward(), torch.func.grad / vjp / jacrev) works here"
+            f"this layer was built without (it was not made by implicit_compiler.compile). Build the layer with "
+            f"implicit_compiler.compile(layer.system) to use forward mode or double backward; first-order reverse "
+            f"mode (loss.backward(), torch.func.grad / vjp / jacrev) works here"
         )
     if lazy is None:
         raise NotImplementedError(
             f"{what} through the implicit layer {layer.layout['name']!r} needs its second-order module, which is "
-            f"generated from the symbolic system; this layer was loaded without it (a standalone export). Build "
-            f"the layer with implicit_compiler.compile(...) to use forward mode or double backward, or use "
-            f"first-order reverse mode (loss.backward(), torch.func.grad / vjp / jacrev), which works here"
+            f"generated from the symbolic system; this layer has none (a standalone export, or a pickled layer "
+            f"whose system could not be pickled). Build the layer with implicit_compiler.compile(...) to use "
+            f"forward mode or double backward, or use first-order reverse mode (loss.backward(), torch.func.grad "
+            f"/ vjp / jacrev), which works here"
         )
     return lazy()
 

@@ -449,6 +449,10 @@ class ImplicitLayer(torch.nn.Module):
         state["kernels"] = self._make_kernels(module, spec["kwargs"])
         state["layout"] = module.LAYOUT
         super().__setstate__(state)
+        if self.system is not None:
+            # forward mode and double backward: the second-order module, generated from the carried
+            # system (or found in the kernel cache) on first use
+            loader.attach_second_order(self, self.system)
         self._token = register(self)
 
     def solve(self, *args, y0=None, **kwargs) -> SolveResult:
