@@ -219,8 +219,12 @@ def _second_order_module(system, cache_dir, first_module):
     report = {}
 
     def source(key):
-        sd = second_derivation(residual_system.derivation, for_diff=_for_diff, back=_back)
-        return emit_second_module(sd, residual_system.layout(), key, cache.module_key(content_hash))
+        from .codegen.emit import use_scalar_kernels
+
+        d = residual_system.derivation
+        sd = second_derivation(d, for_diff=_for_diff, back=_back)
+        return emit_second_module(sd, residual_system.layout(), key, cache.module_key(content_hash),
+                                  fused=use_scalar_kernels(d))
 
     _, module2 = _cached_module(content_hash + "second", cache_dir, source, report)
     return module2

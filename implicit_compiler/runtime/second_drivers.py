@@ -53,11 +53,18 @@ _ARGS = {
 }
 
 
+# double_backward_range(lo, hi, Y, P, LU, PIV, STATUS, YBAR, W, DYBAR, DP, tab): the fused scalar double
+# backward a second-order module emits for a small dense system (codegen/emit_second.py)
+DOUBLE_BACKWARD_RANGE = types.void(_i64, _i64, _f2, _f2, _f3, _i2, _s1, _f2, _f2, _f2, _f2, _i1)
+
+
 def _signatures() -> dict:
     out = {}
     for kind, kern in _KERNELS.items():
         out[kind + "_range"] = types.void(*kern, _i64, _i64, *_ARGS[kind])
         out[kind + "_batch_parallel"] = types.void(*kern, *_ARGS[kind])
+    out["fused_double_backward_batch_parallel"] = types.void(sg.fn(DOUBLE_BACKWARD_RANGE),
+                                                             *DOUBLE_BACKWARD_RANGE.args[2:])
     return out
 
 
@@ -193,6 +200,17 @@ def drive_double_backward_batch_parallel(solve, solve_transpose, vjp_params, jvp
                                     tab)
 
 
+@njit(cache=True, error_model="numpy", parallel=True)
+def drive_fused_double_backward_batch_parallel(double_backward_range, Y, P, LU, PIV, STATUS, YBAR, W, DYBAR, DP,
+                                               tab):
+    """A module's fused ``double_backward_range`` over ``prange`` chunks of ``BATCH_CHUNK`` samples."""
+    B = Y.shape[0]
+    nchunks = (B + BATCH_CHUNK - 1) // BATCH_CHUNK
+    for c in prange(nchunks):
+        double_backward_range(c * BATCH_CHUNK, min(B, (c + 1) * BATCH_CHUNK), Y, P, LU, PIV, STATUS, YBAR, W, DYBAR,
+                              DP, tab)
+
+
 _SIGNATURES = _signatures()
 _lock = threading.Lock()
 _entries: dict = {}
@@ -221,9 +239,12 @@ class Bound:
 
     The wrappers refer to the drivers and kernels by address, as constants (see
     :class:`~implicit_compiler.runtime.drivers._Entry`): they compile in a fraction of a second
-    and are compiled once per process and system; they cannot be cached (they hold addresses)."""
+    and are compiled once per process and system; they cannot be cached (they hold addresses).
+    ``fused``: ``(first-class function, dispatcher)`` of a module's fused ``double_backward_range``
+    (signature ``DOUBLE_BACKWARD_RANGE``), which then replaces the double-backward driver: called
+    directly on one thread, over ``prange`` chunks by ``drive_fused_double_backward_batch_parallel``."""
 
-    def __init__(self, solve, solve_transpose, vjp_params, jvp_params, hvp):
+    def __init__(self, solve, solve_transpose, vjp_params, jvp_params, hvp, fused=None):
         from numba import njit as _njit
 
         jr, jp = driver("jvp_range"), driver("jvp_batch_parallel")
@@ -253,4 +274,20 @@ class Bound:
                 dr(solve, solve_transpose, vjp_params, jvp_params, hvp, 0, Y.shape[0], Y, P, LU, PIV, STATUS, YBAR,
                    W, need, DYBAR, DP, tab)
 
+        if fused is not None:
+            # a module's fused double_backward_range (a first-class function) and its compiled dispatcher
+            fused_fn, fused_range = fused
+            fp = driver("fused_double_backward_batch_parallel")
+
+            @_njit(error_model="numpy", nogil=True)
+            def fused_parallel(Y, P, LU, PIV, STATUS, YBAR, W, DYBAR, DP, tab):
+                fp(fused_fn, Y, P, LU, PIV, STATUS, YBAR, W, DYBAR, DP, tab)
+
+            def double_backward(threaded, Y, P, LU, PIV, STATUS, YBAR, W, need, DYBAR, DP, tab):  # noqa: F811
+                if threaded:
+                    fused_parallel(Y, P, LU, PIV, STATUS, YBAR, W, DYBAR, DP, tab)
+                else:
+                    fused_range(0, Y.shape[0], Y, P, LU, PIV, STATUS, YBAR, W, DYBAR, DP, tab)
+
+        self.fused = fused is not None
         self.jvp, self.hvp, self.double_backward = jvp, hvp_, double_backward

@@ -30,7 +30,7 @@ from . import signatures as sg
 from . import status as st
 from . import threads
 from .drivers import function
-from .second_drivers import Bound
+from .second_drivers import DOUBLE_BACKWARD_RANGE, Bound
 
 
 def _batch(name: str, a, B: int, width: int) -> np.ndarray:
@@ -96,7 +96,10 @@ class SecondOrder:
         self.module2 = module2
         self.n, self.m = kernels.n, kernels.m
         self._need = np.ones(len(kernels.layout["param_groups"]), dtype=np.bool_)
-        self.drivers = Bound(*_kernel_entries(kernels, module2))
+        fused = getattr(module2, "double_backward_range", None)
+        if fused is not None:
+            fused = (function(fused, DOUBLE_BACKWARD_RANGE), fused)
+        self.drivers = Bound(*_kernel_entries(kernels, module2), fused=fused)
 
     def _result(self, res) -> tuple:
         return (_own(res.y, np.float64), _own(res.p, np.float64), _own(res.lu, np.float64),
