@@ -82,30 +82,6 @@ from .shapes import batch_size
 # module, and may be imported next to the package: the two must not register the same operator).
 _NS = "implicit_compiler" if __name__ == "implicit_compiler.torch.function" else "ic_" + re.sub(r"\W", "_", __name__)
 
-# The operators are defined with torch.library's low-level API (a schema and one implementation for
-# every backend) rather than torch.library.custom_op: the calls Dynamo / AOT autograd record run
-# through the C++ dispatcher to the implementation directly, without custom_op's Python autograd and
-# output-aliasing wrappers (measured about 10 us per call at batch 1, a tenth of the compiled call).
-# The operators are always called with autograd off (inside an autograd.Function's forward or
-# backward, or a traced graph), so they need no autograd kernel.
-_LIB = torch.library.Library(_NS, "FRAGMENT")
-
-
-def _operator(name: str, schema: str, impl):
-    """Define ``<namespace>::<name><schema>`` with ``impl`` for every backend; returns its OpOverload."""
-    _LIB.define(name + schema)
-    _LIB.impl(name, impl, "CompositeExplicitAutograd")
-    return getattr(getattr(torch.ops, _NS), name).default
-
-
-def _register_fake(op):
-    return torch.library.register_fake(op, lib=_LIB)
-
-
-def _register_vmap(op):
-    return torch.library.register_vmap(op, lib=_LIB)
-
-
 # ---------------------------------------------------------------------------------------------------
 # layers by token: the operators' arguments are tensors, numbers and strings only
 
@@ -182,15 +158,13 @@ def direct(tensors) -> bool:
 # the forward operator
 
 
-def _solve(token: str, params: list[torch.Tensor], y0: Optional[torch.Tensor]) -> list[torch.Tensor]:  # noqa: UP045
+@torch.library.custom_op(f"{_NS}::solve", mutates_args=())
+def solve_op(token: str, params: list[torch.Tensor], y0: Optional[torch.Tensor]) -> list[torch.Tensor]:  # noqa: UP045
     """``[*group outputs, *SolveResult arrays]`` of one batched solve (see ``ImplicitLayer._solve_tensors``)."""
     return _layer(token)._solve_tensors(params, y0)
 
 
-solve_op = _operator("solve", "(str token, Tensor[] params, Tensor? y0) -> Tensor[]", _solve)
-
-
-@_register_fake(solve_op)
+@solve_op.register_fake
 def _solve_fake(token, params, y0):
     layer = _layer(token)
     groups = layer._param_groups
@@ -220,7 +194,7 @@ def _fold(x, d, V: int, B: int, batched: bool, core: tuple):
     return x.expand(V, B, *core).reshape(V * B, *core)
 
 
-@_register_vmap(solve_op)
+@solve_op.register_vmap
 def _solve_vmap(info, in_dims, token, params, y0):
     layer = _layer(token)
     groups = layer._param_groups
@@ -268,18 +242,20 @@ def _vjp(token: str, result: list[torch.Tensor], ybar: torch.Tensor, need: list[
     return torch.from_numpy(pbar)
 
 
-# Per-sample ``thetabar`` ``(B, m)`` for the upstream gradient ``ybar`` ``(B, n)`` (float64):
-# ``-(dF/dtheta)^T (dF/dy)^{-T} ybar`` for converged samples, zero (``on_failure='nan'``: NaN) for
-# the others; the columns of groups with ``need[g]`` False are unspecified.
-vjp_op = _operator("vjp", "(str token, Tensor[] result, Tensor ybar, bool[] need) -> Tensor", _vjp)
+@torch.library.custom_op(f"{_NS}::vjp", mutates_args=())
+def vjp_op(token: str, result: list[torch.Tensor], ybar: torch.Tensor, need: list[bool]) -> torch.Tensor:
+    """Per-sample ``thetabar`` ``(B, m)`` for the upstream gradient ``ybar`` ``(B, n)`` (float64):
+    ``-(dF/dtheta)^T (dF/dy)^{-T} ybar`` for converged samples, zero (``on_failure='nan'``: NaN) for
+    the others; the columns of groups with ``need[g]`` False are unspecified."""
+    return _vjp(token, result, ybar, need)
 
 
-@_register_fake(vjp_op)
+@vjp_op.register_fake
 def _vjp_fake(token, result, ybar, need):
     return torch.empty((ybar.shape[0], _layer(token).kernels.m), dtype=torch.float64)
 
 
-@_register_vmap(vjp_op)
+@vjp_op.register_vmap
 def _vjp_vmap(info, in_dims, token, result, ybar, need):
     V = info.batch_size
     _, rdims, ydim = in_dims[:3]
@@ -336,12 +312,14 @@ def _jvp(token: str, result: list[torch.Tensor], w: torch.Tensor) -> torch.Tenso
     return torch.from_numpy(ydot)
 
 
-# Per-sample ``ydot`` ``(B, n)`` for the flat parameter tangent ``w`` ``(B, m)`` (float64):
-# ``-(dF/dy)^{-1} (dF/dtheta) w`` for converged samples, zero (``on_failure='nan'``: NaN) for the others.
-jvp_op = _operator("jvp", "(str token, Tensor[] result, Tensor w) -> Tensor", _jvp)
+@torch.library.custom_op(f"{_NS}::jvp", mutates_args=())
+def jvp_op(token: str, result: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``ydot`` ``(B, n)`` for the flat parameter tangent ``w`` ``(B, m)`` (float64):
+    ``-(dF/dy)^{-1} (dF/dtheta) w`` for converged samples, zero (``on_failure='nan'``: NaN) for the others."""
+    return _jvp(token, result, w)
 
 
-@_register_fake(jvp_op)
+@jvp_op.register_fake
 def _jvp_fake(token, result, w):
     return torch.empty((w.shape[0], _layer(token).kernels.n), dtype=torch.float64)
 
@@ -358,13 +336,16 @@ def _double_backward(token: str, result: list[torch.Tensor], ybar: torch.Tensor,
     return [torch.from_numpy(dybar), torch.from_numpy(dp)]
 
 
-# ``[dybar (B, n), dtheta (B, m)]``: the derivatives of ``<w, thetabar(theta, ybar)>`` per converged
-# sample (``thetabar`` the VJP of ``vjp_op``), zero (``on_failure='nan'``: NaN) for the others.
-double_backward_op = _operator("double_backward", "(str token, Tensor[] result, Tensor ybar, Tensor w) -> Tensor[]",
-                               _double_backward)
+@torch.library.custom_op(f"{_NS}::double_backward", mutates_args=())
+def double_backward_op(token: str, result: list[torch.Tensor], ybar: torch.Tensor,
+                       w: torch.Tensor) -> list[torch.Tensor]:
+    """``[dybar (B, n), dtheta (B, m)]``: the derivatives of ``<w, thetabar(theta, ybar)>`` per
+    converged sample (``thetabar`` the VJP of :func:`vjp_op`), zero (``on_failure='nan'``: NaN) for
+    the others."""
+    return _double_backward(token, result, ybar, w)
 
 
-@_register_fake(double_backward_op)
+@double_backward_op.register_fake
 def _double_backward_fake(token, result, ybar, w):
     k = _layer(token).kernels
     return [torch.empty((ybar.shape[0], k.n), dtype=torch.float64),
@@ -380,7 +361,7 @@ def _logical_batch(t, d) -> int:
     return t.shape[0] if d is None else t.movedim(d, 0).shape[1]
 
 
-@_register_vmap(jvp_op)
+@jvp_op.register_vmap
 def _jvp_vmap(info, in_dims, token, result, w):
     V = info.batch_size
     _, rdims, wdim = in_dims
@@ -389,7 +370,7 @@ def _jvp_vmap(info, in_dims, token, result, w):
     return out.reshape(V, B, -1), 0
 
 
-@_register_vmap(double_backward_op)
+@double_backward_op.register_vmap
 def _double_backward_vmap(info, in_dims, token, result, ybar, w):
     V = info.batch_size
     _, rdims, ydim, wdim = in_dims

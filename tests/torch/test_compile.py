@@ -196,3 +196,18 @@ def test_double_backward_through_a_compiled_model_is_torchs_clear_error(appendix
     d2 = 2 / z**3 + 2 * ((-1 - 3 / z**4) * y2 - (-z + z**-3) * ((-z + z**-3) / y2)) / y2**2  # d2/dz2
     # dy/dx = w d1(w x + b): d/dw [(w d1)^2] = 2 w d1 (d1 + w x d2), w = 0.5
     np.testing.assert_allclose(gw.item(), (2 * 0.5 * d1 * (d1 + 0.5 * xs * d2)).sum(), rtol=1e-9)
+
+
+def test_gradient_penalty_inside_a_fullgraph_region_is_dynamos_clear_error(appendix_layer):
+    # torch.autograd.grad inside the compiled function: Dynamo refuses to trace it (fullgraph=True
+    # makes that an error instead of a graph break), for any model
+    model = AppendixModel(appendix_layer)
+
+    def penalty(x):
+        x = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        return (g**2).sum()
+
+    compiled = torch.compile(penalty, fullgraph=True, backend="aot_eager")
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="torch.autograd.grad"):
+        compiled(torch.tensor([[0.8], [1.0]], dtype=torch.float64))

@@ -215,6 +215,8 @@ def second_order_ref(model, inputs):
     return second_order(model, inputs)
 
 
+# torch.func.jvp imports torch's jvp decompositions, which call the deprecated torch.jit.script
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_fresh_process_with_a_cache_directory_that_does_not_exist(models, tmp_path):
     saved = {"models": models, "inputs": INPUTS, "second_order": SECOND_ORDER}
     torch.save(saved, tmp_path / "saved.pt")
