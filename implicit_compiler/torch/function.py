@@ -158,13 +158,34 @@ def direct(tensors) -> bool:
 # the forward operator
 
 
-@torch.library.custom_op(f"{_NS}::solve", mutates_args=())
-def solve_op(token: str, params: list[torch.Tensor], y0: Optional[torch.Tensor]) -> list[torch.Tensor]:  # noqa: UP045
+# ``solve`` is defined with torch.library's low-level API (a schema and one implementation for every
+# backend) rather than torch.library.custom_op: the call a compiled graph records then goes through the
+# C++ dispatcher straight to the implementation, without custom_op's Python autograd and output-aliasing
+# wrappers (about 10 us per call). It has no autograd kernel, which is right only because it is always
+# called with autograd off (inside an autograd.Function's forward, or a traced forward graph): an output
+# computed with autograd on from inputs that require grad would get torch's fallback node, which warns
+# and contributes no gradient when backpropagated, so such a call is refused. The other operators are
+# also called with autograd on (forward-mode rules) and stay custom_ops (a backward through them raises).
+_LIB = torch.library.Library(_NS, "FRAGMENT")
+_LIB.define("solve(str token, Tensor[] params, Tensor? y0) -> Tensor[]")
+
+
+def _solve(token: str, params: list[torch.Tensor], y0: Optional[torch.Tensor]) -> list[torch.Tensor]:  # noqa: UP045
     """``[*group outputs, *SolveResult arrays]`` of one batched solve (see ``ImplicitLayer._solve_tensors``)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+        raise ImplicitCompilerError(
+            f"the operator {_NS}::solve was called with autograd on and parameters that require grad: it has "
+            f"no derivative of its own. Call the implicit layer {_layer(token).layout['name']!r} instead, whose "
+            f"autograd.Function differentiates the solve"
+        )
     return _layer(token)._solve_tensors(params, y0)
 
 
-@solve_op.register_fake
+_LIB.impl("solve", _solve, "CompositeExplicitAutograd")
+solve_op = getattr(torch.ops, _NS).solve.default
+
+
+@torch.library.register_fake(solve_op, lib=_LIB)
 def _solve_fake(token, params, y0):
     layer = _layer(token)
     groups = layer._param_groups
@@ -194,7 +215,7 @@ def _fold(x, d, V: int, B: int, batched: bool, core: tuple):
     return x.expand(V, B, *core).reshape(V * B, *core)
 
 
-@solve_op.register_vmap
+@torch.library.register_vmap(solve_op, lib=_LIB)
 def _solve_vmap(info, in_dims, token, params, y0):
     layer = _layer(token)
     groups = layer._param_groups

@@ -151,6 +151,20 @@ def test_operators_pass_opcheck(appendix_layer, two_layer, qp_layer):
     torch.library.opcheck(solve_op, (qp_layer._token, [q, torch.zeros(3, dtype=torch.float64)], None))
 
 
+def test_solve_operator_refuses_autograd(appendix_layer):
+    # the solve operator has no derivative of its own (the layer's autograd.Function has): called with
+    # autograd on and a parameter that requires grad it is an error, not a result whose gradient is lost
+    from implicit_compiler.torch.function import solve_op
+
+    x = torch.tensor([[0.9]], dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ImplicitCompilerError, match=r"implicit_compiler::solve was called with autograd on.*"
+                                                    r"Call the implicit layer 'appendix' instead"):
+        solve_op(appendix_layer._token, [x], Y0)
+    with torch.no_grad():
+        outs = solve_op(appendix_layer._token, [x], Y0)
+    torch.testing.assert_close(outs[0], appendix_layer(x.detach(), y0=Y0), rtol=0, atol=0)
+
+
 def test_dynamic_batch_sizes_compile_once(appendix_layer):
     model = AppendixModel(appendix_layer)
     cnt = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
