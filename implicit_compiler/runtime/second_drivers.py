@@ -279,7 +279,8 @@ class Bound:
             fused_fn, fused_range = fused
             fp = driver("fused_double_backward_batch_parallel")
 
-            @_njit(error_model="numpy", nogil=True)
+            # compiled now, for its one signature: a first large batch compiles nothing
+            @_njit(types.void(*DOUBLE_BACKWARD_RANGE.args[2:]), error_model="numpy", nogil=True)
             def fused_parallel(Y, P, LU, PIV, STATUS, YBAR, W, DYBAR, DP, tab):
                 fp(fused_fn, Y, P, LU, PIV, STATUS, YBAR, W, DYBAR, DP, tab)
 
