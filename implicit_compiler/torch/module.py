@@ -24,6 +24,8 @@ from .function import (
     register,
     result_names,
     result_to_tensors,
+    solve_op,
+    vmap_forward_only,
 )
 from .shapes import _describe, as_array, batch_size, check_finite_dtype, check_tensor, pack, to_numpy
 
@@ -326,8 +328,12 @@ class ImplicitLayer(torch.nn.Module):
             outs = EagerImplicitFunction.apply(self._token, meta, return_info, y0, *tensors)
             status, iterations, residual_norm = outs[k:k + 3] if return_info else (None, None, None)
         else:
-            fn = CompilableImplicitFunction if torch.compiler.is_compiling() else ImplicitFunction
-            outs = fn.apply(self._token, meta, y0, *tensors)
+            if vmap_forward_only((*tensors, y0)):
+                # nothing differentiates this call: the operator alone (its vmap rule folds the batch)
+                outs = solve_op(self._token, list(tensors), y0)
+            else:
+                fn = CompilableImplicitFunction if torch.compiler.is_compiling() else ImplicitFunction
+                outs = fn.apply(self._token, meta, y0, *tensors)
             if return_info:
                 # the result's tensors follow the outputs, the dataclass fields first (function.result_names);
                 # status is copied: the backward reads the result's status (which samples get a gradient)
