@@ -123,8 +123,9 @@ class ImplicitLayer(torch.nn.Module):
     returns one tensor per unknown group (a single tensor when there is one
     group), in the promoted dtype of the inputs; the solve runs in float64 on the
     CPU (CUDA inputs are copied to the CPU and results copied back to the input's
-    device). Outputs never share memory with what the backward reads, and a
-    double backward through the layer raises (not supported yet).
+    device). Outputs never share memory with what the backward reads. Forward mode
+    and the double backward are exact (the second-order module, built on first use);
+    a third derivative raises.
 
     Keyword arguments of a call: ``y0`` (initial guess: flat ``(n,)`` or ``(B, n)``,
     or a dict by unknown group), ``return_info=True`` to also get a
