@@ -18,9 +18,11 @@ first-class function arguments (types in :mod:`implicit_compiler.runtime.signatu
 (``nogil``) and ``drive_<kind>_batch_parallel`` splits the batch into chunks of ``BATCH_CHUNK``
 samples with ``prange``. Each is compiled once, for its one signature, and cached with the package.
 
-:func:`bind` ties the drivers to one system's kernels: small uncached wrappers that hold the
+:class:`Bound` ties the drivers to one system's kernels: small uncached wrappers that hold the
 kernels' addresses as constants (a call from Python passing the kernels as arguments would
-convert each one on every call).
+convert each one on every call). A small dense system's second-order module also has a fused,
+straight-line ``double_backward_range`` (:mod:`implicit_compiler.codegen.emit_second`), which
+``drive_fused_double_backward_batch_parallel`` runs over ``prange`` chunks.
 """
 
 from __future__ import annotations
