@@ -152,6 +152,8 @@ class _PickledModules:
     when it has one, else the carried source written into the cache (``$IMPLICIT_COMPILER_CACHE``
     or the default location, created if missing); when the toolchain differs (another package,
     SymPy or Numba version), the module is generated again from the carried symbolic system.
+    A layer that carries its system also gets its lazy second-order module back (forward mode,
+    double backward), as :func:`compile` attaches it.
     """
 
     @staticmethod
@@ -189,6 +191,12 @@ class _PickledModules:
                 return module_source(system.derivation, system.layout(), key)
         return _cached_module(system.content_hash(), None, source, {})[1]
 
+    @staticmethod
+    def attach_second_order(layer, system) -> None:
+        """Give a loaded layer its lazy second-order module (beside its first-order module in
+        the kernel cache; generated from ``system`` on first use when the cache lacks it)."""
+        _attach_second_order(layer, system, None)
+
 
 set_module_loader(_PickledModules)
 
@@ -211,8 +219,12 @@ def _second_order_module(system, cache_dir, first_module):
     report = {}
 
     def source(key):
-        sd = second_derivation(residual_system.derivation, for_diff=_for_diff, back=_back)
-        return emit_second_module(sd, residual_system.layout(), key, cache.module_key(content_hash))
+        from .codegen.emit import use_scalar_kernels
+
+        d = residual_system.derivation
+        sd = second_derivation(d, for_diff=_for_diff, back=_back)
+        return emit_second_module(sd, residual_system.layout(), key, cache.module_key(content_hash),
+                                  fused=use_scalar_kernels(d))
 
     _, module2 = _cached_module(content_hash + "second", cache_dir, source, report)
     return module2

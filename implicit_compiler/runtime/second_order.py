@@ -9,7 +9,9 @@ With ``J = ∂F/∂y`` factored by the forward at ``y*`` (``SolveResult.lu`` / `
                       ∂L/∂ȳ = ẏ,   ∂L/∂θ = -(H ż)_θ - VJP((H ż)_y)
 
 (derivation in :mod:`implicit_compiler.derive.second`). Every product is per sample;
-samples that did not converge get zeros and their status is left as it is.
+samples that did not converge get zeros and their status is left as it is. Each product is one
+compiled call over the batch (the drivers of :mod:`implicit_compiler.runtime.second_drivers`;
+the double backward fuses its five steps per sample), threaded for large batches.
 
 The second-order module (``jvp_params``, ``hvp``) is generated and compiled on first use
 (:class:`LazySecondOrder`); first-order users never build it.
@@ -18,14 +20,17 @@ The second-order module (``jvp_params``, ``hvp``) is generated and compiled on f
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 
 import numpy as np
 
 from ..errors import InputError
+from . import signatures as sg
 from . import status as st
-
-_EMPTY_TAB = np.zeros(0, dtype=np.int64)
+from . import threads
+from .drivers import function
+from .second_drivers import DOUBLE_BACKWARD_RANGE, Bound
 
 
 def _batch(name: str, a, B: int, width: int) -> np.ndarray:
@@ -43,6 +48,13 @@ def _batch(name: str, a, B: int, width: int) -> np.ndarray:
     return arr
 
 
+def _own(a: np.ndarray, dtype) -> np.ndarray:
+    """A solve result's array as the drivers take it: C-contiguous and writable, of ``dtype``."""
+    if a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable:
+        return a
+    return np.array(a, dtype=dtype, order="C")
+
+
 def batched_solve(kernels, res, R: np.ndarray, transpose: bool = False) -> np.ndarray:
     """``J⁻¹ R[b]`` (or ``J⁻ᵀ R[b]``) with the forward's factorisation, for the converged
     samples of ``res``; zero rows elsewhere (:meth:`Kernels.solve_linear`, one compiled loop)."""
@@ -51,11 +63,30 @@ def batched_solve(kernels, res, R: np.ndarray, transpose: bool = False) -> np.nd
     return out
 
 
+def _kernel_entries(kernels, module2) -> tuple:
+    """``(solve, solve_transpose, vjp_params, jvp_params, hvp)`` as first-class functions: the
+    first-order module's (bound to its own ``_fn_<name>`` where the module defines one) and the
+    second-order module's."""
+    m1 = kernels.module
+
+    def entry(module, name, sig):
+        got = getattr(module, "_fn_" + name, None)
+        return got if got is not None else function(getattr(module, name), sig)
+
+    return (entry(m1, "solve", sg.SOLVE), entry(m1, "solve_transpose", sg.SOLVE),
+            entry(m1, "vjp_params", sg.VJP_PARAMS), entry(module2, "jvp_params", sg.JVP_PARAMS),
+            entry(module2, "hvp", sg.HVP))
+
+
 class SecondOrder:
     """Batched forward-mode and second-order products of one compiled system.
 
     ``kernels``: the layer's :class:`~implicit_compiler.runtime.kernels.Kernels` (first-order
-    module: solves, VJP); ``module2``: the generated second-order module."""
+    module: solves, VJP); ``module2``: the generated second-order module. Each product is one
+    compiled call over the batch (:mod:`implicit_compiler.runtime.second_drivers`), threaded for
+    large batches as the first-order drivers are (:meth:`Kernels._run`'s rule: at least
+    ``parallel_threshold`` samples and, by the cost per sample last measured, at least
+    ``Kernels.MIN_PARALLEL_SECONDS`` of work)."""
 
     def __init__(self, kernels, module2):
         if (module2.N, module2.M) != (kernels.n, kernels.m):
@@ -65,35 +96,57 @@ class SecondOrder:
         self.module2 = module2
         self.n, self.m = kernels.n, kernels.m
         self._need = np.ones(len(kernels.layout["param_groups"]), dtype=np.bool_)
+        fused = getattr(module2, "double_backward_range", None)
+        if fused is not None:
+            fused = (function(fused, DOUBLE_BACKWARD_RANGE), fused)
+        self.drivers = Bound(*_kernel_entries(kernels, module2), fused=fused)
 
-    def _converged(self, res) -> np.ndarray:
-        return np.flatnonzero(res.status == st.CONVERGED)
+    def _result(self, res) -> tuple:
+        return (_own(res.y, np.float64), _own(res.p, np.float64), _own(res.lu, np.float64),
+                _own(res.piv, np.int64), _own(res.status, np.int8))
 
-    def jvp(self, res, W) -> np.ndarray:
+    def _run(self, kind: str, B: int, args: tuple, parallel_threshold: int) -> None:
+        """``drivers.<kind>(threaded, *args, tab)``, threaded by the rule of :meth:`Kernels._run`
+        (its cost measurements are kept beside the first-order ones, as ``second_<kind>``)."""
+        k = self.kernels
+        key = "second_" + kind
+        cost = k._cost.get(key)
+        if k._forced is not None:
+            threaded = k._forced
+        elif cost is None:
+            threaded = B >= max(parallel_threshold, k.UNMEASURED_PARALLEL_BATCH)
+        else:
+            threaded = B >= parallel_threshold and B * cost >= k.MIN_PARALLEL_SECONDS
+        fn = getattr(self.drivers, kind)
+        if threaded and threads.parallel_allowed():
+            fn(True, *args, k.tab)
+            threads.note_started()
+            return
+        t0 = time.perf_counter()
+        fn(False, *args, k.tab)
+        if B >= 16:
+            k._cost[key] = (time.perf_counter() - t0) / B
+
+    def jvp(self, res, W, parallel_threshold: int = 32) -> np.ndarray:
         """``ẏ = -J⁻¹ F_θ W[b]`` per converged sample, ``(B, n)``; zero elsewhere."""
         B = res.y.shape[0]
         W = _batch("W (the parameter tangent)", W, B, self.m)
-        R = np.zeros((B, self.n))
-        kernel = self.module2.jvp_params
-        for b in self._converged(res):
-            kernel(res.y[b], res.p[b], W[b], R[b], _EMPTY_TAB)
-        Ydot = batched_solve(self.kernels, res, R)
-        np.negative(Ydot, out=Ydot)
-        Ydot[res.status != st.CONVERGED] = 0.0  # +0.0, not -0.0
+        Y, P, LU, PIV, STATUS = self._result(res)
+        Ydot = np.empty((B, self.n))
+        self._run("jvp", B, (Y, P, LU, PIV, STATUS, W, Ydot), parallel_threshold)
         return Ydot
 
-    def hvp(self, res, V, Ydot, W) -> tuple[np.ndarray, np.ndarray]:
+    def hvp(self, res, V, Ydot, W, parallel_threshold: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """``H ż`` per converged sample, split as ``(Hy (B, n), Hp (B, m))``; zero elsewhere.
         ``H = ∇²_{(y,θ)} (V[b]ᵀ F)`` at the solution, ``ż = (Ydot[b], W[b])``."""
         B = res.y.shape[0]
         V = _batch("V (the residual weights)", V, B, self.n)
         Ydot = _batch("Ydot (the solution tangent)", Ydot, B, self.n)
         W = _batch("W (the parameter tangent)", W, B, self.m)
-        Hy = np.zeros((B, self.n))
-        Hp = np.zeros((B, self.m))
-        kernel = self.module2.hvp
-        for b in self._converged(res):
-            kernel(res.y[b], res.p[b], V[b], Ydot[b], W[b], Hy[b], Hp[b], _EMPTY_TAB)
+        Y, P, _, _, STATUS = self._result(res)
+        Hy = np.empty((B, self.n))
+        Hp = np.empty((B, self.m))
+        self._run("hvp", B, (Y, P, STATUS, V, Ydot, W, Hy, Hp), parallel_threshold)
         return Hy, Hp
 
     def vjp(self, res, U) -> np.ndarray:
@@ -103,28 +156,25 @@ class SecondOrder:
         out = self.kernels.vjp(res, U, self._need, 2**62)
         return np.array(out)  # the kernels' pool may hand its array out again
 
-    def double_backward(self, res, Ybar, W) -> tuple[np.ndarray, np.ndarray]:
+    def double_backward(self, res, Ybar, W, parallel_threshold: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """The derivatives of ``L = ⟨W[b], θ̄_b⟩``, ``θ̄_b = VJP(Ybar[b])``, per converged sample:
-        ``(dYbar, dP) = (ẏ, -(H ż)_θ - VJP((H ż)_y))``, ``(B, n)`` and ``(B, m)``; zero elsewhere."""
+        ``(dYbar, dP) = (ẏ, -(H ż)_θ - VJP((H ż)_y))``, ``(B, n)`` and ``(B, m)``; zero elsewhere.
+        One fused pass per sample (transposed solve, ``F_θ w``, solve, ``H ż``, VJP)."""
         B = res.y.shape[0]
         Ybar = _batch("Ybar (the solution cotangent)", Ybar, B, self.n)
         W = _batch("W (the cotangent of the parameter gradient)", W, B, self.m)
-        V = batched_solve(self.kernels, res, Ybar, transpose=True)
-        Ydot = self.jvp(res, W)
-        Hy, Hp = self.hvp(res, V, Ydot, W)
-        dP = self.vjp(res, Hy)
-        dP += Hp
-        np.negative(dP, out=dP)
-        bad = res.status != st.CONVERGED
-        dP[bad] = 0.0
-        return Ydot, dP
+        dYbar = np.empty((B, self.n))
+        dP = np.empty((B, self.m))
+        self._run("double_backward", B, (*self._result(res), Ybar, W, self._need, dYbar, dP), parallel_threshold)
+        return dYbar, dP
 
 
 def _warm(so: SecondOrder) -> None:
-    """Compile (or load from Numba's cache) everything a call reaches, now: the kernels have
-    their signatures already; the first-order module's ``solve`` / ``solve_transpose`` are
-    compiled on their first call from Python. One sample with the identity as its factored
-    Jacobian; arithmetic faults at the zero point are harmless (NumPy error model)."""
+    """Compile everything a call reaches, now: the drivers are compiled (or loaded from Numba's
+    cache) when :class:`Bound` is made, the kernels have their signatures already, and the
+    per-system wrappers compile on their first call (both their serial and threaded branches).
+    One sample with the identity as its factored Jacobian; arithmetic faults at the zero point
+    are harmless (NumPy error model)."""
     from types import SimpleNamespace
 
     n, m = so.n, so.m
@@ -132,7 +182,13 @@ def _warm(so: SecondOrder) -> None:
     piv[n] = 1  # the dense factors (see the first-order module's factor_dense)
     res = SimpleNamespace(y=np.zeros((1, n)), p=np.zeros((1, m)), lu=np.eye(n)[None].copy(), piv=piv[None].copy(),
                           status=np.zeros(1, dtype=np.int8))
-    so.double_backward(res, np.zeros((1, n)), np.zeros((1, m)))
+    forced, so.kernels._forced = so.kernels._forced, False
+    try:
+        so.double_backward(res, np.zeros((1, n)), np.zeros((1, m)))
+        ydot = so.jvp(res, np.zeros((1, m)))
+        so.hvp(res, np.zeros((1, n)), ydot, np.zeros((1, m)))
+    finally:
+        so.kernels._forced = forced
 
 
 class LazySecondOrder:

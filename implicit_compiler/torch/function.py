@@ -55,9 +55,10 @@ that autograd can see raises torch's "modified by an inplace operation" error.
 
 Third-order derivatives are not available: the double backward's results carry a
 node whose backward raises (:class:`SecondOrderUnsupported`), so differentiating
-them again is an error, never zero. A layer loaded without its symbolic system (a
-standalone export) has no second-order module: forward mode and double backward
-raise :class:`NotImplementedError` naming the layer.
+them again is an error, never zero. A layer without its symbolic system (a standalone
+export) has no second-order module: forward mode and double backward raise
+:class:`NotImplementedError` naming the layer. A layer restored by ``pickle`` /
+``torch.load`` carries its system and gets its second-order module back.
 """
 
 from __future__ import annotations
@@ -153,17 +154,69 @@ def direct(tensors) -> bool:
     return True
 
 
+_interpreters = getattr(torch._C._functorch, "get_interpreter_stack", None)
+_unwrap = getattr(torch._C._functorch, "get_unwrapped", None)
+_VMAP = getattr(getattr(torch._C._functorch, "TransformType", None), "Vmap", None)
+
+
+def vmap_forward_only(tensors) -> bool:
+    """True when the only active transforms are ``torch.func.vmap`` and nothing can differentiate
+    the call: no ``torch.func`` grad or jvp transform, no forward-AD level, and no tensor (unwrapped
+    from its vmap levels) that requires grad. The layer then calls the solve operator directly, whose
+    vmap rule folds the vmapped dimensions into one solve: an ``autograd.Function`` under vmap costs
+    torch.func 1-3 ms per call in its generated vmap rule, more than the solve of a thousand samples."""
+    if _interpreters is None or _unwrap is None or _VMAP is None or torch.compiler.is_compiling():
+        return False
+    stack = _interpreters()
+    if not stack or any(i.key() != _VMAP for i in stack):
+        return False
+    from torch.autograd import forward_ad
+
+    if getattr(forward_ad, "_current_level", 0) >= 0:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        while _is_wrapped(t):
+            t = _unwrap(t)
+        if grad and t.requires_grad:
+            return False
+    return True
+
+
 # ---------------------------------------------------------------------------------------------------
 # the forward operator
 
 
-@torch.library.custom_op(f"{_NS}::solve", mutates_args=())
-def solve_op(token: str, params: list[torch.Tensor], y0: Optional[torch.Tensor]) -> list[torch.Tensor]:  # noqa: UP045
+# ``solve`` is defined with torch.library's low-level API (a schema and one implementation for every
+# backend) rather than torch.library.custom_op: the call a compiled graph records then goes through the
+# C++ dispatcher straight to the implementation, without custom_op's Python autograd and output-aliasing
+# wrappers (about 10 us per call). It has no autograd kernel, which is right only because it is always
+# called with autograd off (inside an autograd.Function's forward, or a traced forward graph): an output
+# computed with autograd on from inputs that require grad would get torch's fallback node, which warns
+# and contributes no gradient when backpropagated, so such a call is refused. The other operators are
+# also called with autograd on (forward-mode rules) and stay custom_ops (a backward through them raises).
+_LIB = torch.library.Library(_NS, "FRAGMENT")
+_LIB.define("solve(str token, Tensor[] params, Tensor? y0) -> Tensor[]")
+
+
+def _solve(token: str, params: list[torch.Tensor], y0: Optional[torch.Tensor]) -> list[torch.Tensor]:  # noqa: UP045
     """``[*group outputs, *SolveResult arrays]`` of one batched solve (see ``ImplicitLayer._solve_tensors``)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+        raise ImplicitCompilerError(
+            f"the operator {_NS}::solve was called with autograd on and parameters that require grad: it has "
+            f"no derivative of its own. Call the implicit layer {_layer(token).layout['name']!r} instead, whose "
+            f"autograd.Function differentiates the solve"
+        )
     return _layer(token)._solve_tensors(params, y0)
 
 
-@solve_op.register_fake
+_LIB.impl("solve", _solve, "CompositeExplicitAutograd")
+solve_op = getattr(torch.ops, _NS).solve.default
+
+
+@torch.library.register_fake(solve_op, lib=_LIB)
 def _solve_fake(token, params, y0):
     layer = _layer(token)
     groups = layer._param_groups
@@ -193,7 +246,7 @@ def _fold(x, d, V: int, B: int, batched: bool, core: tuple):
     return x.expand(V, B, *core).reshape(V * B, *core)
 
 
-@solve_op.register_vmap
+@torch.library.register_vmap(solve_op, lib=_LIB)
 def _solve_vmap(info, in_dims, token, params, y0):
     layer = _layer(token)
     groups = layer._param_groups
@@ -277,16 +330,17 @@ def layer_second_order(layer, what: str):
     if lazy is None and getattr(layer, "system", None) is not None:
         raise NotImplementedError(
             f"{what} through the implicit layer {layer.layout['name']!r} needs its second-order module, which "
-            f"this layer was restored without (pickle / torch.load keep the first-order module only). Build the "
-            f"layer again with implicit_compiler.compile(layer.system) to use forward mode or double backward; "
-            f"first-order reverse mode (loss.backward(), torch.func.grad / vjp / jacrev) works here"
+            f"this layer was built without (it was not made by implicit_compiler.compile). Build the layer with "
+            f"implicit_compiler.compile(layer.system) to use forward mode or double backward; first-order reverse "
+            f"mode (loss.backward(), torch.func.grad / vjp / jacrev) works here"
         )
     if lazy is None:
         raise NotImplementedError(
             f"{what} through the implicit layer {layer.layout['name']!r} needs its second-order module, which is "
-            f"generated from the symbolic system; this layer was loaded without it (a standalone export). Build "
-            f"the layer with implicit_compiler.compile(...) to use forward mode or double backward, or use "
-            f"first-order reverse mode (loss.backward(), torch.func.grad / vjp / jacrev), which works here"
+            f"generated from the symbolic system; this layer has none (a standalone export, or a pickled layer "
+            f"whose system could not be pickled). Build the layer with implicit_compiler.compile(...) to use "
+            f"forward mode or double backward, or use first-order reverse mode (loss.backward(), torch.func.grad "
+            f"/ vjp / jacrev), which works here"
         )
     return lazy()
 
@@ -305,7 +359,7 @@ def _jvp(token: str, result: list[torch.Tensor], w: torch.Tensor) -> torch.Tenso
     so = layer_second_order(layer, "forward-mode differentiation")
     # C-contiguous: the second-order kernels take C arrays only (a vmapped result may be a strided view)
     res = tensors_to_result([t.contiguous() for t in result], layer._result_names)
-    ydot = so.jvp(res, np.ascontiguousarray(w.numpy(), dtype=np.float64))
+    ydot = so.jvp(res, np.ascontiguousarray(w.numpy(), dtype=np.float64), layer.options.parallel_threshold)
     _failed(layer, res, ydot)
     return torch.from_numpy(ydot)
 
@@ -329,7 +383,7 @@ def _double_backward(token: str, result: list[torch.Tensor], ybar: torch.Tensor,
     so = layer_second_order(layer, "double backward (differentiating the gradient)")
     res = tensors_to_result([t.contiguous() for t in result], layer._result_names)
     dybar, dp = so.double_backward(res, np.ascontiguousarray(ybar.numpy(), dtype=np.float64),
-                                   np.ascontiguousarray(w.numpy(), dtype=np.float64))
+                                   np.ascontiguousarray(w.numpy(), dtype=np.float64), layer.options.parallel_threshold)
     _failed(layer, res, dybar, dp)
     return [torch.from_numpy(dybar), torch.from_numpy(dp)]
 
@@ -593,13 +647,11 @@ class CompilableImplicitFunction(torch.autograd.Function):
         ctx.save_for_backward(*params, *result)
         ctx.token = token
         ctx.meta = meta
-        if not torch.compiler.is_compiling() and all(type(t) is torch.Tensor for t in result):
-            layer = _layer(token)
-            try:
-                # for inspection (grad_fn.res); the backward rebuilds it from the saved tensors
-                ctx.res = tensors_to_result(result, layer._result_names)
-            except RuntimeError:  # tensors of a torch.func transform have no storage to view
-                pass
+        if not torch.compiler.is_compiling() and direct(result):
+            # for inspection (grad_fn.res); the backward rebuilds it from the saved tensors. Not for
+            # the tensors of a torch.func transform, which have no storage to view (trying and
+            # catching torch's error costs about 60 us per call: the error records a C++ traceback)
+            ctx.res = tensors_to_result(result, _layer(token)._result_names)
 
     @staticmethod
     def backward(ctx, *grads):

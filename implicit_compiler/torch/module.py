@@ -24,6 +24,8 @@ from .function import (
     register,
     result_names,
     result_to_tensors,
+    solve_op,
+    vmap_forward_only,
 )
 from .shapes import _describe, as_array, batch_size, check_finite_dtype, check_tensor, pack, to_numpy
 
@@ -121,8 +123,9 @@ class ImplicitLayer(torch.nn.Module):
     returns one tensor per unknown group (a single tensor when there is one
     group), in the promoted dtype of the inputs; the solve runs in float64 on the
     CPU (CUDA inputs are copied to the CPU and results copied back to the input's
-    device). Outputs never share memory with what the backward reads, and a
-    double backward through the layer raises (not supported yet).
+    device). Outputs never share memory with what the backward reads. Forward mode
+    and the double backward are exact (the second-order module, built on first use);
+    a third derivative raises.
 
     Keyword arguments of a call: ``y0`` (initial guess: flat ``(n,)`` or ``(B, n)``,
     or a dict by unknown group), ``return_info=True`` to also get a
@@ -326,8 +329,12 @@ class ImplicitLayer(torch.nn.Module):
             outs = EagerImplicitFunction.apply(self._token, meta, return_info, y0, *tensors)
             status, iterations, residual_norm = outs[k:k + 3] if return_info else (None, None, None)
         else:
-            fn = CompilableImplicitFunction if torch.compiler.is_compiling() else ImplicitFunction
-            outs = fn.apply(self._token, meta, y0, *tensors)
+            if vmap_forward_only((*tensors, y0)):
+                # nothing differentiates this call: the operator alone (its vmap rule folds the batch)
+                outs = solve_op(self._token, list(tensors), y0)
+            else:
+                fn = CompilableImplicitFunction if torch.compiler.is_compiling() else ImplicitFunction
+                outs = fn.apply(self._token, meta, y0, *tensors)
             if return_info:
                 # the result's tensors follow the outputs, the dataclass fields first (function.result_names);
                 # status is copied: the backward reads the result's status (which samples get a gradient)
@@ -449,6 +456,10 @@ class ImplicitLayer(torch.nn.Module):
         state["kernels"] = self._make_kernels(module, spec["kwargs"])
         state["layout"] = module.LAYOUT
         super().__setstate__(state)
+        if self.system is not None:
+            # forward mode and double backward: the second-order module, generated from the carried
+            # system (or found in the kernel cache) on first use
+            loader.attach_second_order(self, self.system)
         self._token = register(self)
 
     def solve(self, *args, y0=None, **kwargs) -> SolveResult:

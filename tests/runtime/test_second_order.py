@@ -15,7 +15,7 @@ import implicit_compiler as ic
 from implicit_compiler.codegen import cache
 from implicit_compiler.compiler import compile_second_order
 from implicit_compiler.errors import InputError
-from implicit_compiler.runtime.second_order import SecondOrder
+from implicit_compiler.runtime.second_order import SecondOrder, batched_solve
 from implicit_compiler.runtime.status import CONVERGED
 
 H = 1e-5  # central-difference step, relative to max(1, |theta_c|)
@@ -372,3 +372,83 @@ def test_hessian_of_a_loss_through_the_layer(kepler):
         h = H * np.maximum(1.0, np.abs(P[:, c:c + 1]))
         ref = (grad(P + h * w) - grad(P - h * w)) / (2 * h)
         assert_close_rows(hw, ref)
+
+
+# ---------------------------------------------------------------- the batch drivers against a per-sample loop
+_TAB = np.zeros(0, dtype=np.int64)
+
+
+def loop_jvp(so, res, W):
+    """The per-sample reference: ``F_θ w`` kernel from Python, then the forward's factors."""
+    R = np.zeros((len(W), so.n))
+    for b in np.flatnonzero(res.status == CONVERGED):
+        so.module2.jvp_params(res.y[b], res.p[b], W[b], R[b], _TAB)
+    Ydot = -batched_solve(so.kernels, res, R)
+    Ydot[res.status != CONVERGED] = 0.0
+    return Ydot
+
+
+def loop_hvp(so, res, V, Ydot, W):
+    Hy, Hp = np.zeros((len(W), so.n)), np.zeros((len(W), so.m))
+    for b in np.flatnonzero(res.status == CONVERGED):
+        so.module2.hvp(res.y[b], res.p[b], V[b], Ydot[b], W[b], Hy[b], Hp[b], _TAB)
+    return Hy, Hp
+
+
+def loop_double_backward(so, res, Ybar, W):
+    V = batched_solve(so.kernels, res, Ybar, transpose=True)
+    Ydot = loop_jvp(so, res, W)
+    Hy, Hp = loop_hvp(so, res, V, Ydot, W)
+    dP = -(so.vjp(res, Hy) + Hp)
+    dP[res.status != CONVERGED] = 0.0
+    return Ydot, dP
+
+
+# (layer fixture, converged parameters, failing parameters, initial guess)
+DRIVER_CASES = {
+    "appendix": ("appendix_layer", [[1.0], [0.8], [1.3], [1.7], [0.6]], [[0.1], [np.nan], [3.0]], APPENDIX_Y0),
+    "kepler": ("kepler", KEPLER_P, [[np.nan, 1.0], [0.5, np.inf]], np.ones((1, 1))),
+    "fixed_point": ("fixed_point", [[0.5, 0.2], [1.2, -0.7], [-0.8, 1.5]], [[np.nan, 0.2]], np.zeros((1, 2))),
+    "qp": ("qp", QP_P, [[1.0, np.nan, 0.5]], np.zeros((1, 3))),
+    "bratu": ("bratu", [[1.0, 0.0], [2.5, 0.3]], [[10.0, 0.0]], np.zeros((1, BRATU_N))),
+}
+
+
+@pytest.mark.parametrize("threaded", [False, True], ids=["serial", "threaded"])
+@pytest.mark.parametrize("case", list(DRIVER_CASES))
+def test_batch_drivers_equal_the_per_sample_loop(request, case, threaded, rng):
+    name, good, bad, Y0 = DRIVER_CASES[case]
+    layer = request.getfixturevalue(name)
+    k = layer.kernels
+    so = compile_second_order(layer)
+    good, bad = np.asarray(good, dtype=float), np.asarray(bad, dtype=float)
+    # good and failed samples interleaved, repeated past one prange chunk (64 samples)
+    reps = 30
+    P = np.concatenate([np.concatenate([good, bad])] * reps)
+    failed = np.tile(np.r_[np.zeros(len(good), bool), np.ones(len(bad), bool)], reps)
+    perm = rng.permutation(len(P))
+    P, failed = P[perm], failed[perm]
+    res = _solve(layer, P, Y0)
+    assert (res.status[failed] != CONVERGED).all() and (res.status[~failed] == CONVERGED).all(), res.status
+    status = res.status.copy()
+    B = len(P)
+    Ybar, W, V, Yd = (rng.normal(size=(B, w)) for w in (k.n, k.m, k.n, k.n))
+    k._forced = threaded  # as Kernels.warm_up does: the prange drivers, or the range drivers, whatever B is
+    try:
+        got_jvp = so.jvp(res, W)
+        got_hvp = so.hvp(res, V, Yd, W)
+        got_db = so.double_backward(res, Ybar, W)
+    finally:
+        k._forced = None
+    # the same kernels on the same values: bit for bit
+    np.testing.assert_array_equal(got_jvp, loop_jvp(so, res, W))
+    for g, r in zip(got_hvp, loop_hvp(so, res, V, Yd, W)):
+        np.testing.assert_array_equal(g, r)
+    ref_db = loop_double_backward(so, res, Ybar, W)
+    np.testing.assert_array_equal(got_db[0], ref_db[0])
+    # (the reference's last VJP may run the module's own scalar VJP: equal to rounding)
+    np.testing.assert_allclose(got_db[1], ref_db[1], rtol=1e-14, atol=1e-14 * np.abs(ref_db[1]).max())
+    np.testing.assert_array_equal(res.status, status)
+    for a in (got_jvp, *got_hvp, *got_db):
+        assert (a[failed] == 0.0).all() and np.isfinite(a).all()
+    assert np.abs(got_db[1][~failed]).max() > 0

@@ -151,6 +151,20 @@ def test_operators_pass_opcheck(appendix_layer, two_layer, qp_layer):
     torch.library.opcheck(solve_op, (qp_layer._token, [q, torch.zeros(3, dtype=torch.float64)], None))
 
 
+def test_solve_operator_refuses_autograd(appendix_layer):
+    # the solve operator has no derivative of its own (the layer's autograd.Function has): called with
+    # autograd on and a parameter that requires grad it is an error, not a result whose gradient is lost
+    from implicit_compiler.torch.function import solve_op
+
+    x = torch.tensor([[0.9]], dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ImplicitCompilerError, match=r"implicit_compiler::solve was called with autograd on.*"
+                                                    r"Call the implicit layer 'appendix' instead"):
+        solve_op(appendix_layer._token, [x], Y0)
+    with torch.no_grad():
+        outs = solve_op(appendix_layer._token, [x], Y0)
+    torch.testing.assert_close(outs[0], appendix_layer(x.detach(), y0=Y0), rtol=0, atol=0)
+
+
 def test_dynamic_batch_sizes_compile_once(appendix_layer):
     model = AppendixModel(appendix_layer)
     cnt = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
@@ -167,3 +181,47 @@ def test_dynamic_batch_sizes_compile_once(appendix_layer):
         z = 0.5 * x.detach().numpy()[:, 0] + 0.5
         np.testing.assert_allclose(out.detach().numpy(), appendix_ref(z)[0] @ [1.0, 2.0], rtol=1e-10)
     assert cnt.frame_count == 1
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_double_backward_through_a_compiled_model_is_torchs_clear_error(appendix_layer, backend):
+    # A gradient penalty differentiates the backward again. AOT autograd's compiled backward (every
+    # backend but Dynamo's debugging "eager" one) refuses create_graph=True, for any model: a clear
+    # error, never a silently first-order result. The forward and the first-order gradient match eager.
+    model = AppendixModel(appendix_layer)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    x = torch.tensor([[0.8], [1.0], [1.3]], dtype=torch.float64, requires_grad=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, model(x), rtol=0, atol=0)
+    (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    (ge,) = torch.autograd.grad(model(x).sum(), x)
+    torch.testing.assert_close(g, ge, rtol=0, atol=1e-15)
+    with pytest.raises(RuntimeError, match="torch.compile with aot_autograd does not currently support double "
+                                           "backward"):
+        torch.autograd.grad((g**2).sum(), model.lin.weight)
+    # the same penalty on the uncompiled model: exact (d/dw of sum_b (dy/dx)^2 against its closed form)
+    yx = model(x)
+    (g,) = torch.autograd.grad(yx.sum(), x, create_graph=True)
+    (gw,) = torch.autograd.grad((g**2).sum(), model.lin.weight)
+    z = 0.5 * x.detach().numpy()[:, 0] + 0.5
+    xs = x.detach().numpy()[:, 0]
+    d1 = appendix_ref(z)[1] @ [1.0, 2.0]  # d(y1 + 2 y2)/dz
+    y2 = appendix_ref(z)[0][:, 1]
+    d2 = 2 / z**3 + 2 * ((-1 - 3 / z**4) * y2 - (-z + z**-3) * ((-z + z**-3) / y2)) / y2**2  # d2/dz2
+    # dy/dx = w d1(w x + b): d/dw [(w d1)^2] = 2 w d1 (d1 + w x d2), w = 0.5
+    np.testing.assert_allclose(gw.item(), (2 * 0.5 * d1 * (d1 + 0.5 * xs * d2)).sum(), rtol=1e-9)
+
+
+def test_gradient_penalty_inside_a_fullgraph_region_is_dynamos_clear_error(appendix_layer):
+    # torch.autograd.grad inside the compiled function: Dynamo refuses to trace it (fullgraph=True
+    # makes that an error instead of a graph break), for any model
+    model = AppendixModel(appendix_layer)
+
+    def penalty(x):
+        x = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        return (g**2).sum()
+
+    compiled = torch.compile(penalty, fullgraph=True, backend="aot_eager")
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="torch.autograd.grad"):
+        compiled(torch.tensor([[0.8], [1.0]], dtype=torch.float64))

@@ -262,3 +262,52 @@ def test_second_order_through_torch_func_is_exact(appendix_layer):
     np.testing.assert_allclose(H.numpy()[:, 0, 0], ref, rtol=1e-9)
     h = grad(lambda t: grad(lambda s: appendix_layer(s, y0=Y0).sum())(t).sum())(x)
     np.testing.assert_allclose(h.numpy(), [ref.sum()], rtol=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_vmap_of_a_call_nothing_differentiates_skips_the_autograd_function(appendix_layer, monkeypatch):
+    # vmap alone over inputs that need no gradient: the solve operator is called without the
+    # autograd.Function (whose generated vmap rule costs milliseconds); anything that can
+    # differentiate the call (an input requiring grad under the vmap, grad / jvp transforms, a
+    # forward-AD level) keeps the Function, and its derivatives stay exact
+    import torch.autograd.forward_ad as fwAD
+
+    from implicit_compiler.torch import function as F
+
+    applied = []
+    original = F.ImplicitFunction.apply
+    monkeypatch.setattr(F.ImplicitFunction, "apply", lambda *a: applied.append(1) or original(*a))
+    x = torch.tensor([[0.8], [1.0], [1.3]], dtype=torch.float64)
+    y = vmap(lambda t: appendix_layer(t, y0=Y0))(x)
+    assert applied == []
+    torch.testing.assert_close(y, appendix_layer(x, y0=Y0), rtol=0, atol=0)
+    yr, dr = appendix_ref(x.numpy()[:, 0])
+    # an input that requires grad, differentiated outside the vmap
+    xg = x.clone().requires_grad_()
+    vmap(lambda t: appendix_layer(t, y0=Y0))(xg)[:, 1].sum().backward()
+    assert applied == [1]
+    np.testing.assert_allclose(xg.grad.numpy()[:, 0], dr[:, 1], rtol=1e-9)
+    # a jvp transform under the vmap, and a forward-AD level (without vmap)
+    tangent = vmap(lambda t: jvp(lambda s: appendix_layer(s, y0=Y0), (t,), (torch.ones_like(t),))[1])(x)
+    assert len(applied) == 2
+    np.testing.assert_allclose(tangent.numpy(), dr, rtol=1e-9)
+    assert not F.vmap_forward_only([x])  # no vmap level here: the eager Function runs
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        tangent = fwAD.unpack_dual(appendix_layer(dual, y0=Y0)).tangent
+    np.testing.assert_allclose(tangent.numpy(), dr, rtol=1e-9)
+    # vmap of grad
+    g = vmap(grad(lambda t: appendix_layer(t, y0=Y0)[1]))(x)
+    assert len(applied) >= 3
+    np.testing.assert_allclose(g.numpy()[:, 0], dr[:, 1], rtol=1e-9)
+    # failure policy and statuses through the direct path
+    appendix_layer.configure(on_failure="nan")
+    try:
+        xb = torch.tensor([[0.9], [0.5]], dtype=torch.float64)  # x = 0.5: no real root
+        yb = vmap(lambda t: appendix_layer(t, y0=Y0))(xb)
+    finally:
+        appendix_layer.configure(on_failure="raise")
+    assert torch.isnan(yb[1]).all()
+    np.testing.assert_allclose(yb[0].numpy(), appendix_ref(0.9)[0], rtol=1e-10)
+    with pytest.raises(ic.ConvergenceError, match="1 of 2 samples"):
+        vmap(lambda t: appendix_layer(t, y0=Y0))(xb)

@@ -205,8 +205,20 @@ def test_corrupt_module_source_is_a_clear_error(models):
         _restore(type(models["fixed_point"]), state)
 
 
+SECOND_ORDER = ("appendix_model", "fixed_point", "qp")  # a residual, a fixed-point and a QP layer
+
+
+def second_order_ref(model, inputs):
+    """What the worker's ``second_order`` computes, here, with the original model."""
+    from tests.torch.pickle_worker import second_order
+
+    return second_order(model, inputs)
+
+
+# torch.func.jvp imports torch's jvp decompositions, which call the deprecated torch.jit.script
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_fresh_process_with_a_cache_directory_that_does_not_exist(models, tmp_path):
-    saved = {"models": models, "inputs": INPUTS}
+    saved = {"models": models, "inputs": INPUTS, "second_order": SECOND_ORDER}
     torch.save(saved, tmp_path / "saved.pt")
     torch.save(models["appendix_model"].state_dict(), tmp_path / "state.pt")
     cache = tmp_path / "not" / "created" / "yet"
@@ -219,10 +231,30 @@ def test_fresh_process_with_a_cache_directory_that_does_not_exist(models, tmp_pa
     # the modules were written into the new cache from the pickles; the appendix system compiled in the
     # child then found its module there
     assert got.pop("cache_hit") is True
+    # the first-order modules from the pickles, and the second-order modules the child generated from the
+    # systems the pickles carry (loaded layers keep forward mode and double backward)
+    from implicit_compiler.codegen.cache import MODULE_PREFIX, module_key
+
+    layers = {n: (m.layer if n == "appendix_model" else m) for n, m in models.items()}
+    expected = {Path(layer.kernels.module.__file__).name for layer in layers.values()}
+    expected |= {f"{MODULE_PREFIX}{module_key(layers[n].system.content_hash() + 'second')}.py" for n in SECOND_ORDER}
     written = sorted(p.name for p in cache.glob("ic_*.py"))
-    expected = sorted({Path((m.layer if n == "appendix_model" else m).kernels.module.__file__).name
-                       for n, m in models.items()})
-    assert written == expected
+    assert written == sorted(expected)
+    second = got.pop("second_order")
+    assert sorted(second) == sorted(SECOND_ORDER)
+    for name in SECOND_ORDER:
+        ref = second_order_ref(models[name], INPUTS[name])
+        for a, b in zip(second[name][0] + second[name][1], ref[0] + ref[1]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # closed forms: the fixed point y = cos(t y) has dy/dt = -y sin(ty) / (1 + t sin(ty)) (the jvp's tangent)
+    t = T.numpy()[:, 0]
+    y = run(models["fixed_point"], (T,))[0][0].numpy()[:, 0]
+    np.testing.assert_allclose(second["fixed_point"][1][0].numpy()[:, 0],
+                               -y * np.sin(t * y) / (1 + t * np.sin(t * y)), rtol=1e-9)
+    # the QP is piecewise linear: its gradient penalty has zero gradient, its jvp is dy/dq + dy/dh
+    _, dq, dh = qp_ref(Q.numpy(), H.numpy())
+    np.testing.assert_allclose(second["qp"][0][0].numpy(), 0.0, atol=1e-7)
+    np.testing.assert_allclose(second["qp"][1][0].numpy(), dq + dh, atol=1e-7)
     for name, result in got.items():
         check_references(name, result)
         ref = run(models["appendix_model" if name == "state_dict" else name], INPUTS[name if name != "state_dict"

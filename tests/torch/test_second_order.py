@@ -334,21 +334,35 @@ def test_reverse_over_reverse_and_vmap_agree_with_forward_over_reverse(appendix_
     np.testing.assert_allclose(d2.numpy(), s1 * y2 + 2 * d1 * dd2 + y1 * s2, rtol=1e-9)
 
 
-def test_deepcopied_layer_keeps_second_order_and_pickled_layer_says_why_not(kepler):
+def test_deepcopied_and_pickled_layers_keep_second_order(kepler):
     import copy
     import pickle
 
     e = torch.tensor([0.5], dtype=torch.float64)
     M = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
-    twin = copy.deepcopy(kepler)
-    E = twin(e, M)
-    (g,) = torch.autograd.grad(E.sum(), M, create_graph=True)
-    (h,) = torch.autograd.grad(g.sum(), M)
-    En = E.item()
-    assert h.item() == pytest.approx(-0.5 * np.sin(En) / (1 - 0.5 * np.cos(En)) ** 3, rel=1e-9)
-    restored = pickle.loads(pickle.dumps(kepler))
+    En = kepler(e, M).item()
+    d = 1 - 0.5 * np.cos(En)
+    for twin in (copy.deepcopy(kepler), pickle.loads(pickle.dumps(kepler))):
+        assert twin.kernels.second_order is not kepler.kernels.second_order
+        E = twin(e, M)
+        (g,) = torch.autograd.grad(E.sum(), M, create_graph=True)
+        assert g.item() == pytest.approx(1 / d, rel=1e-12)
+        (h,) = torch.autograd.grad(g.sum(), M)  # d2E/dM2 = -e sin E / (1 - e cos E)^3
+        assert h.item() == pytest.approx(-0.5 * np.sin(En) / d**3, rel=1e-9)
+        _, Edot = jvp(twin, (e, M.detach()), (torch.ones_like(e), torch.zeros_like(e)))  # dE/de = sin E / d
+        assert Edot.item() == pytest.approx(np.sin(En) / d, rel=1e-12)
+
+
+def test_pickled_layer_without_its_system_says_why_it_has_no_second_order(kepler):
+    # a system that cannot be pickled is left out of the pickle: the first order still works
+    state = kepler.__getstate__()
+    state["system"] = None
+    restored = type(kepler).__new__(type(kepler))
+    restored.__setstate__(state)
+    e = torch.tensor([0.5], dtype=torch.float64)
+    M = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
     (g,) = torch.autograd.grad(restored(e, M).sum(), M, create_graph=True)
-    assert g.item() == pytest.approx(1 / (1 - 0.5 * np.cos(En)), rel=1e-12)
+    assert g.item() == pytest.approx(1 / (1 - 0.5 * np.cos(kepler(e, M).item())), rel=1e-12)
     with pytest.raises(NotImplementedError, match="double backward .* 'kepler' needs its second-order module, which "
-                                                  "this layer was restored without"):
+                                                  "is generated from the symbolic system; this layer has none"):
         g.sum().backward()
