@@ -398,7 +398,6 @@ def drive_ip_eval_batch(ip_eval, Y, P, GRADF, H, JH, G, JG, tab):
 
 _SIGNATURES = _signatures()
 _lock = threading.Lock()
-_entries: dict = {}
 
 
 class _Entry(WrapperAddressProtocol):
@@ -438,20 +437,33 @@ def function(dispatcher, sig) -> _Entry:
     return _Entry(dispatcher, sig)
 
 
-def driver(name: str) -> _Entry:
-    """The driver ``name``, compiled for its one signature (or loaded from Numba's cache) when
-    the first wrapper that calls it is compiled."""
-    got = _entries.get(name)
-    if got is None:
-        with _lock:
-            got = _entries.get(name)
-            if got is None:
-                fn = globals().get("drive_" + name) or globals()[name]
-                sig = _SIGNATURES[name]
+class Drivers:
+    """The compiled-once functions of one runtime module, by name: ``drivers(name)`` is
+    ``drive_<name>`` (or ``<name>``) of ``namespace`` as an :class:`_Entry` for its one
+    signature in ``signatures``, compiled (or loaded from Numba's cache) when the first
+    wrapper that calls it is compiled, and never compiled for another signature."""
 
-                def prepare(fn=fn, sig=sig):
-                    fn.compile(sig)
-                    fn.disable_compile()
+    def __init__(self, namespace: dict, signatures: dict):
+        self._namespace = namespace
+        self._signatures = signatures
+        self._entries: dict = {}
 
-                got = _entries[name] = _Entry(fn, sig, prepare)
-    return got
+    def __call__(self, name: str) -> _Entry:
+        got = self._entries.get(name)
+        if got is None:
+            with _lock:
+                got = self._entries.get(name)
+                if got is None:
+                    fn = self._namespace.get("drive_" + name) or self._namespace[name]
+                    sig = self._signatures[name]
+
+                    def prepare(fn=fn, sig=sig):
+                        fn.compile(sig)
+                        fn.disable_compile()
+
+                    got = self._entries[name] = _Entry(fn, sig, prepare)
+        return got
+
+
+driver = Drivers(globals(), _SIGNATURES)
+"""The driver ``name`` of this module (see :class:`Drivers`)."""

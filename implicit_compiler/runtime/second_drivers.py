@@ -27,13 +27,11 @@ straight-line ``double_backward_range`` (:mod:`implicit_compiler.codegen.emit_se
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 from numba import njit, prange, types
 
 from . import signatures as sg
-from .drivers import BATCH_CHUNK, _Entry
+from .drivers import BATCH_CHUNK, Drivers
 
 _f1, _f2, _f3, _i1, _i2, _b1, _s1 = sg.f1, sg.f2, sg.f3, sg.i1, sg.i2, sg.b1, sg.s1
 _i64 = types.int64
@@ -214,23 +212,8 @@ def drive_fused_double_backward_batch_parallel(double_backward_range, Y, P, LU, 
 
 
 _SIGNATURES = _signatures()
-_lock = threading.Lock()
-_entries: dict = {}
-
-
-def driver(name: str) -> _Entry:
-    """The driver ``drive_<name>``, compiled for its one signature (or loaded from Numba's cache)."""
-    got = _entries.get(name)
-    if got is None:
-        with _lock:
-            got = _entries.get(name)
-            if got is None:
-                fn = globals()["drive_" + name]
-                sig = _SIGNATURES[name]
-                fn.compile(sig)
-                fn.disable_compile()
-                got = _entries[name] = _Entry(fn, sig)
-    return got
+driver = Drivers(globals(), _SIGNATURES)
+"""The second-order driver ``name`` (see :class:`~implicit_compiler.runtime.drivers.Drivers`)."""
 
 
 class Bound:

@@ -126,7 +126,10 @@ def result_to_tensors(res: SolveResult, names) -> list:
 
 
 def tensors_to_result(tensors, names) -> SolveResult:
-    arrays = {k: t.numpy() for k, t in zip(names, tensors)}
+    # C-contiguous: a vmap rule can hand the result back as strided views, and the kernels are
+    # compiled for C-contiguous arrays only (a strided one made Numba compile a second
+    # specialisation of the VJP on the spot); contiguous tensors are not copied
+    arrays = {k: np.ascontiguousarray(t.numpy()) for k, t in zip(names, tensors)}
     res = SolveResult(**{k: arrays[k] for k in RESULT_FIELDS})
     for k in names[len(RESULT_FIELDS):]:
         setattr(res, k, arrays[k])
