@@ -303,10 +303,10 @@ class Kernels:
             self.module.solve_batch(res.lu, res.piv, res.status, X, bool(transpose), self.tab)
             return X
         idx, LU2, PIV2 = fb
+        sub = np.ascontiguousarray(X[idx])
         status = res.status.copy()
         status[idx] = st.SINGULAR_JACOBIAN  # solved below, with their dense factors
         self.module.solve_batch(res.lu, res.piv, status, X, bool(transpose), self.tab)
-        sub = np.ascontiguousarray(X[idx])
         self.module.solve_batch(LU2, PIV2, np.ascontiguousarray(res.status[idx]), sub, bool(transpose), self.tab)
         X[idx] = sub
         return X
