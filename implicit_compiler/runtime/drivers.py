@@ -57,7 +57,15 @@ from .newton import newton_one
 from .status import NONFINITE
 from .trust_region import trust_region_one
 
-BATCH_CHUNK = 64  # samples per prange work item
+BATCH_CHUNK = 64  # samples per prange work item, at most
+
+
+@njit(cache=True, inline="always")
+def batch_chunk(B):
+    """Samples per ``prange`` work item: at most ``BATCH_CHUNK``, and at least 8 items when the
+    batch allows, so that the threads (prange splits the items evenly) get about the same number
+    of samples (B = 100 in chunks of 64 gave one thread 64 samples, the other 36)."""
+    return max(1, min(BATCH_CHUNK, (B + 7) // 8))
 
 _f1, _f2, _f3, _i1, _i2, _b1, _s1 = sg.f1, sg.f2, sg.f3, sg.i1, sg.i2, sg.b1, sg.s1
 _f64, _i64 = types.float64, types.int64
@@ -270,10 +278,11 @@ def drive_newton_batch_parallel(residual, residual_jacobian, residual_scale, fac
                                 solve_transpose,
                           Y0, P, ftol, rtol, xtol, max_iter, singular_tol, Y, LU, PIV, STATUS, INFO, tab):
     B = Y.shape[0]
-    nchunks = (B + BATCH_CHUNK - 1) // BATCH_CHUNK
+    chunk = batch_chunk(B)
+    nchunks = (B + chunk - 1) // chunk
     for c in prange(nchunks):
         drive_newton_range(residual, residual_jacobian, residual_scale, factor, factor_dense, solve, solve_transpose,
-                     c * BATCH_CHUNK, min(B, (c + 1) * BATCH_CHUNK), Y0, P, ftol, rtol, xtol, max_iter, singular_tol,
+                     c * chunk, min(B, (c + 1) * chunk), Y0, P, ftol, rtol, xtol, max_iter, singular_tol,
                      Y, LU, PIV, STATUS, INFO, tab)
 
 
@@ -299,10 +308,11 @@ def drive_trust_region_batch_parallel(residual, residual_jacobian, residual_scal
                                 solve_transpose, Y0, P, ftol, rtol, xtol, max_iter, singular_tol, Y, LU, PIV,
                                 STATUS, INFO, tab):
     B = Y.shape[0]
-    nchunks = (B + BATCH_CHUNK - 1) // BATCH_CHUNK
+    chunk = batch_chunk(B)
+    nchunks = (B + chunk - 1) // chunk
     for c in prange(nchunks):
         drive_trust_region_range(residual, residual_jacobian, residual_scale, factor, factor_dense, solve,
-                           solve_transpose, c * BATCH_CHUNK, min(B, (c + 1) * BATCH_CHUNK), Y0, P, ftol, rtol, xtol,
+                           solve_transpose, c * chunk, min(B, (c + 1) * chunk), Y0, P, ftol, rtol, xtol,
                            max_iter, singular_tol, Y, LU, PIV, STATUS, INFO, tab)
 
 
@@ -334,10 +344,11 @@ def drive_fixed_point_range(residual, residual_jacobian, factor, factor_dense, s
 def drive_fixed_point_batch_parallel(residual, residual_jacobian, factor, factor_dense, solve, solve_transpose,
                                Y0, P, ftol, rtol, max_iter, singular_tol, memory, Y, LU, PIV, STATUS, INFO, tab):
     B = Y.shape[0]
-    nchunks = (B + BATCH_CHUNK - 1) // BATCH_CHUNK
+    chunk = batch_chunk(B)
+    nchunks = (B + chunk - 1) // chunk
     for c in prange(nchunks):
         drive_fixed_point_range(residual, residual_jacobian, factor, factor_dense, solve, solve_transpose,
-                          c * BATCH_CHUNK, min(B, (c + 1) * BATCH_CHUNK), Y0, P, ftol, rtol, max_iter, singular_tol,
+                          c * chunk, min(B, (c + 1) * chunk), Y0, P, ftol, rtol, max_iter, singular_tol,
                           memory, Y, LU, PIV, STATUS, INFO, tab)
 
 
@@ -359,9 +370,10 @@ def drive_vjp_range(solve_transpose, vjp_params, lo, hi, Y, P, LU, PIV, STATUS, 
 @njit(cache=True, error_model="numpy", parallel=True)
 def drive_vjp_batch_parallel(solve_transpose, vjp_params, Y, P, LU, PIV, STATUS, YBAR, need, PBAR, tab):
     B = Y.shape[0]
-    nchunks = (B + BATCH_CHUNK - 1) // BATCH_CHUNK
+    chunk = batch_chunk(B)
+    nchunks = (B + chunk - 1) // chunk
     for c in prange(nchunks):
-        drive_vjp_range(solve_transpose, vjp_params, c * BATCH_CHUNK, min(B, (c + 1) * BATCH_CHUNK), Y, P, LU, PIV,
+        drive_vjp_range(solve_transpose, vjp_params, c * chunk, min(B, (c + 1) * chunk), Y, P, LU, PIV,
                         STATUS, YBAR, need, PBAR, tab)
 
 
@@ -445,10 +457,11 @@ def drive_ip_range(ip_eval, ip_obj, ip_hess, residual, residual_jacobian, factor
 def drive_ip_batch_parallel(ip_eval, ip_obj, ip_hess, residual, residual_jacobian, factor_dense,
                       nq, nr, Y0, P, tol, max_iter, singular_tol, weak_tol, Z, LU, PIV, STATUS, INFO, tab):
     B = Z.shape[0]
-    nchunks = (B + BATCH_CHUNK - 1) // BATCH_CHUNK
+    chunk = batch_chunk(B)
+    nchunks = (B + chunk - 1) // chunk
     for c in prange(nchunks):
         drive_ip_range(ip_eval, ip_obj, ip_hess, residual, residual_jacobian, factor_dense,
-                 c * BATCH_CHUNK, min(B, (c + 1) * BATCH_CHUNK), nq, nr, Y0, P, tol, max_iter, singular_tol, weak_tol,
+                 c * chunk, min(B, (c + 1) * chunk), nq, nr, Y0, P, tol, max_iter, singular_tol, weak_tol,
                  Z, LU, PIV, STATUS, INFO, tab)
 
 
@@ -502,10 +515,11 @@ def drive_kkt_finalize_range(ip_eval, ip_hess, residual, residual_jacobian, fact
 def drive_kkt_finalize_batch_parallel(ip_eval, ip_hess, residual, residual_jacobian, factor_dense,
                                 nq, nr, Z, P, weak_tol, singular_tol, LU, PIV, STATUS, INFO, tab):
     B = Z.shape[0]
-    nchunks = (B + BATCH_CHUNK - 1) // BATCH_CHUNK
+    chunk = batch_chunk(B)
+    nchunks = (B + chunk - 1) // chunk
     for c in prange(nchunks):
         drive_kkt_finalize_range(ip_eval, ip_hess, residual, residual_jacobian, factor_dense,
-                           c * BATCH_CHUNK, min(B, (c + 1) * BATCH_CHUNK), nq, nr, Z, P, weak_tol, singular_tol,
+                           c * chunk, min(B, (c + 1) * chunk), nq, nr, Z, P, weak_tol, singular_tol,
                            LU, PIV, STATUS,
                            INFO, tab)
 

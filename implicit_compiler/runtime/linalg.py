@@ -345,8 +345,8 @@ def dense_area(J, n):
 
 @njit(cache=True)
 def pattern_lu_factor(n, v, rptr, diag, lcptr, lcpos, uptr, upd, threshold):
-    """Right-looking elimination in place over the filled pattern (values ``v``), no pivoting.
-    Returns ``min_k |U[k, k]|``, or -1.0 when a pivot fails
+    """Right-looking elimination in place over the filled pattern (values ``v``), no pivoting;
+    leaves L (unit diagonal) below, U above and ``1 / U[k, k]`` on the diagonal. Returns ``min_k |U[k, k]|``, or -1.0 when a pivot fails
     ``|pivot| >= threshold * max |entries below it|`` (or is 0, or NaN is met)."""
     minp = np.inf
     for k in range(n):
@@ -363,8 +363,9 @@ def pattern_lu_factor(n, v, rptr, diag, lcptr, lcpos, uptr, upd, threshold):
             return -1.0
         if a < minp:
             minp = a
+        inv = 1.0 / v[dk]
+        v[dk] = inv  # the solves multiply by the reciprocal pivot (no division on their dependency chain)
         if hi > lo:
-            inv = 1.0 / v[dk]
             u0 = dk + 1
             u1 = rptr[k + 1]
             w = uptr[k]
@@ -390,14 +391,14 @@ def pattern_lu_solve(n, v, x, rptr, col, diag):
         s = x[i]
         for q in range(diag[i] + 1, rptr[i + 1]):
             s -= v[q] * x[col[q]]
-        x[i] = s / v[diag[i]]
+        x[i] = s * v[diag[i]]
 
 
 @njit(cache=True)
 def pattern_lu_solve_transpose(n, v, x, rptr, col, diag):
     """``x <- (L U)^{-T} x`` (``U^T`` then ``L^T``, column by column)."""
     for i in range(n):
-        xi = x[i] / v[diag[i]]
+        xi = x[i] * v[diag[i]]
         x[i] = xi
         for q in range(diag[i] + 1, rptr[i + 1]):
             x[col[q]] -= v[q] * xi
