@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import drivers
+from . import drivers, threads
 from . import status as st
-from . import threads
 from .linalg import PIV_DENSE_IN_PATTERN, PIV_NEEDS_DENSE
 from .options import SolverOptions
 

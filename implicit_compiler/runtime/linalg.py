@@ -346,7 +346,8 @@ def dense_area(J, n):
 @njit(cache=True)
 def pattern_lu_factor(n, v, rptr, diag, lcptr, lcpos, uptr, upd, threshold):
     """Right-looking elimination in place over the filled pattern (values ``v``), no pivoting;
-    leaves L (unit diagonal) below, U above and ``1 / U[k, k]`` on the diagonal. Returns ``min_k |U[k, k]|``, or -1.0 when a pivot fails
+    leaves L (unit diagonal) below, U above and ``1 / U[k, k]`` on the diagonal. Returns
+    ``min_k |U[k, k]|``, or -1.0 when a pivot fails
     ``|pivot| >= threshold * max |entries below it|`` (or is 0, or NaN is met)."""
     minp = np.inf
     for k in range(n):
