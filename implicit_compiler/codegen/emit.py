@@ -315,14 +315,14 @@ def _kernels_factor_pattern(d, pivot_threshold: float, tables: Tables):
     """Elimination over the filled pattern of ``P A P^T`` in pattern-sized storage (residual
     systems above the unrolled size): the runtime's ``pattern_factor`` / ``pattern_solve`` /
     ``pattern_solve_transpose`` (:mod:`implicit_compiler.runtime.drivers`) read the pattern from
-    the module's table, located by its first ``PATTERN_HEADER`` entries (which must come first;
+    the module's table, located by its first ``PT_HEADER_SIZE`` entries (which must come first;
     layout in :mod:`implicit_compiler.runtime.linalg`)."""
     from ..runtime import linalg as la
 
     if tables.size:
         raise ValueError("the sparse elimination header must be the first table of a module")
     e = d.elimination
-    header = np.zeros(la.PATTERN_HEADER, dtype=np.int64)
+    header = np.zeros(la.PT_HEADER_SIZE, dtype=np.int64)
     tables.add(f"sparse elimination ({e.order} order, {e.fill_nnz} stored entries): header", header)
     lptr, lpos = e.lower_columns()
     uptr, upd = e.update_targets()

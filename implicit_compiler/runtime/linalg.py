@@ -329,7 +329,7 @@ def sparse_lu_solve_transpose(n, J, b, lcol_ptr, lcol_idx, ucol_ptr, ucol_idx):
 # from ``tab[0]`` on (offsets into ``tab``; see ``codegen.emit._kernels_factor_pattern``):
 PT_N, PT_NV, PT_PERMUTED, PT_THRESHOLD = 0, 1, 2, 3
 PT_RPTR, PT_COL, PT_DIAG, PT_LCPTR, PT_LCPOS, PT_UPTR, PT_UPD, PT_PERM, PT_ROWO, PT_COLO = range(4, 14)
-PATTERN_HEADER = 16
+PT_HEADER_SIZE = 16
 # ``piv[n]`` says what ``J`` holds: 0 the sparse factors; 2 nothing (a pivot failed and the
 # storage has no room for dense factors: the caller re-solves the sample with room, see
 # ``runtime.kernels``); 3 dense LU factors (partial pivoting) of A in the last n*n entries
