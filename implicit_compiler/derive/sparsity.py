@@ -244,7 +244,8 @@ def _acceptable(e: Elimination) -> bool:
 def candidate_orders(indptr, indices, n) -> list[Elimination]:
     """The natural order, and (for systems above the unrolled size) reverse Cuthill-McKee."""
     out = [symbolic_elimination(indptr, indices, n)]
-    if n >= SPARSE_LOOPS_MIN_N:
+    # (no fill-in in the natural order: nothing to gain from another)
+    if n >= SPARSE_LOOPS_MIN_N and out[0].fill_nnz > out[0].nnz:
         perm = rcm_order(indptr, indices, n)
         if not np.array_equal(perm, np.arange(n)):
             out.append(symbolic_elimination(indptr, indices, n, perm, "rcm"))
