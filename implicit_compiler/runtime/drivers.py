@@ -204,6 +204,12 @@ def _pattern_solve(J, piv, b, tab, transpose):
     n = b.shape[0]
     flag = piv[n]
     if flag == PIV_DENSE or flag == PIV_DENSE_IN_PATTERN:
+        if J.size < n * n:
+            # a pattern storage without room: the sample's dense factors are kept beside the
+            # result (runtime.kernels: Kernels.vjp / solve_linear use them), not here
+            for i in range(n):
+                b[i] = np.nan
+            return
         if transpose:
             lu_solve_transpose(n, dense_area(J, n), piv, b)
         else:

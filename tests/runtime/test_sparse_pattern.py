@@ -204,6 +204,10 @@ def test_zero_pivot_falls_back_to_dense_and_is_reported(zero_pivot_pair, method)
     need = np.ones(2, dtype=bool)
     gd = np.array(dense.kernels.vjp(rd, Ybar, need))
     np.testing.assert_allclose(k.vjp(rs, Ybar, need), gd, rtol=1e-10, atol=1e-13)
+    # a kernel handed the pattern storage of a fallback sample has no factors to use: NaN, not garbage
+    X = Ybar.copy()
+    k.module.solve_batch(rs.lu, rs.piv, rs.status, X, False, k.tab)
+    assert np.isnan(X[1]).all() and np.isfinite(X[[0, 2]]).all()
     # the dense factors are recomputed when the result comes back without them (torch's saved tensors)
     del rs.dense_factors
     np.testing.assert_allclose(k.vjp(rs, Ybar, need), gd, rtol=1e-10, atol=1e-13)
