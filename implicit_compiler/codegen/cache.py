@@ -161,7 +161,9 @@ def toolchain_hash() -> str:
     h = hashlib.sha256()
     h.update(f"{__version__}|{sympy.__version__}|{numba.__version__}|{sys.version_info[:2]}".encode())
     here = Path(__file__).resolve().parent
-    files = sorted((here.parent / "runtime").glob("*.py")) + sorted(here.glob("*.py"))
+    # derive/ decides what is emitted too (the factorisation, the elimination order)
+    files = (sorted((here.parent / "runtime").glob("*.py")) + sorted(here.glob("*.py"))
+             + sorted((here.parent / "derive").glob("*.py")))
     for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())

@@ -126,7 +126,11 @@ def _kernel_residual(d, smap, tables=None):
     return [_decorator("RESIDUAL"), "def residual(y, p, F, tab):", *(body or [f"{INDENT}pass"])]
 
 
-def _kernel_residual_jacobian(d, smap, tables=None):
+def _kernel_residual_jacobian(d, smap, tables=None, pattern: bool = False):
+    """``F`` and dF/dy. ``pattern``: J is the pattern-sized storage ``(1, L)`` of the module's
+    elimination (``runtime.linalg``): entry ``(i, j)`` goes to its storage position."""
+    if pattern:
+        return _kernel_residual_jacobian_pattern(d, smap, tables)
     rows = list(d.single_rows) if d.families else list(range(d.n))
     jac = d.jac_y_single if d.families else d.jac_y
     exprs = [d.residuals[i] for i in rows] + [e for _, _, e in jac]
@@ -155,6 +159,43 @@ def _kernel_residual_jacobian(d, smap, tables=None):
         lines, outs = cse_lines([lp.fd.residual] + [e for _, e in dy], lp.smap, indent=INDENT * 2)
         body += lp.head() + lines + [f"{INDENT * 2}F[i] = {outs[0]}"]
         body += [f"{INDENT * 2}J[i, s{k}] = {o}" for (k, _), o in zip(dy, outs[1:])]
+    return [_decorator("JACOBIAN"), "def residual_jacobian(y, p, F, J, tab):", *body]
+
+
+def _kernel_residual_jacobian_pattern(d, smap, tables):
+    e = d.elimination
+    rows = list(d.single_rows) if d.families else list(range(d.n))
+    jac = d.jac_y_single if d.families else d.jac_y
+    exprs = [d.residuals[i] for i in rows] + [x for _, _, x in jac]
+    lines, outs = cse_lines(exprs, smap)
+    single_pos = e.positions([i for i, _, _ in jac], [j for _, j, _ in jac]) if jac else np.zeros(0, np.int64)
+    loops = _loops(d, tables)
+    fam_pos = []
+    for lp in loops:
+        ij = lp.fd.entries("unknowns")
+        fam_pos.append(e.positions(ij[:, 0], ij[:, 1]) if len(ij) else np.zeros(0, np.int64))
+    written = np.zeros(e.fill_nnz, dtype=bool)
+    for q in [single_pos, *fam_pos]:
+        written[q] = True
+    # Positions that elimination fills in must start at zero on every evaluation.
+    fill_only = np.flatnonzero(~written)
+    if len(fill_only) <= 64:
+        body = [f"{INDENT}J[0, {q}] = 0.0" for q in fill_only]
+    else:
+        a, b = tables.add("fill-in positions of the pattern storage (start at zero)", fill_only)
+        body = [f"{INDENT}for q in range({a}, {b}):", f"{INDENT * 2}J[0, tab[q]] = 0.0"]
+    body += list(lines)
+    body += [f"{INDENT}F[{i}] = {o}" for i, o in zip(rows, outs[:len(rows)])]
+    body += [f"{INDENT}J[0, {q}] = {o}  # dF[{i}]/dy[{j}]"
+             for (i, j, _), q, o in zip(jac, single_pos, outs[len(rows):])]
+    for lp, pos in zip(loops, fam_pos):
+        dy = lp.fd.d_unknowns
+        lines, outs = cse_lines([lp.fd.residual] + [x for _, x in dy], lp.smap, indent=INDENT * 2)
+        body += lp.head() + lines + [f"{INDENT * 2}F[i] = {outs[0]}"]
+        if dy:
+            a, _ = tables.add(f"family {lp.index}: storage positions of its dF/dy entries", pos)
+            nd = len(dy)
+            body += [f"{INDENT * 2}J[0, tab[{a} + {nd} * r + {kk}]] = {o}" for kk, o in enumerate(outs[1:])]
     return [_decorator("JACOBIAN"), "def residual_jacobian(y, p, F, J, tab):", *body]
 
 
@@ -269,7 +310,48 @@ def _kernels_factor_sparse_loops(d, pivot_threshold: float, tables: Tables):
         q += 4
     header[16] = int(round(pivot_threshold * 1e9))
     tables.parts[0] = (tables.parts[0][0], 0, header)
-    return ["_fn_factor = _driver('pattern_factor')",
+    return ["_fn_factor = _driver('fill_factor')",
+            "_fn_solve = _driver('fill_solve')",
+            "_fn_solve_transpose = _driver('fill_solve_transpose')"]
+
+
+def _kernels_factor_pattern(d, pivot_threshold: float, tables: Tables):
+    """Elimination over the filled pattern of ``P A P^T`` in pattern-sized storage (residual
+    systems above the unrolled size): the runtime's ``pattern_factor`` / ``pattern_solve`` /
+    ``pattern_solve_transpose`` (:mod:`implicit_compiler.runtime.drivers`) read the pattern from
+    the module's table, located by its first ``PT_HEADER_SIZE`` entries (which must come first;
+    layout in :mod:`implicit_compiler.runtime.linalg`)."""
+    from ..runtime import linalg as la
+
+    if tables.size:
+        raise ValueError("the sparse elimination header must be the first table of a module")
+    e = d.elimination
+    header = np.zeros(la.PT_HEADER_SIZE, dtype=np.int64)
+    tables.add(f"sparse elimination ({e.order} order, {e.fill_nnz} stored entries): header", header)
+    lptr, lpos = e.lower_columns()
+    uptr, upd = e.update_targets()
+    rows = e.rows
+    parts = ((la.PT_RPTR, "RPTR: row pointers of the filled pattern of P A P^T", e.indptr),
+             (la.PT_COL, "COL: (permuted) column of each stored entry", e.indices),
+             (la.PT_DIAG, "DIAG: position of each diagonal entry", e.diag),
+             (la.PT_LCPTR, "LCOL pointers: L's entries by column", lptr),
+             (la.PT_LCPOS, "LCOL positions", lpos),
+             (la.PT_UPTR, "UPD pointers: update targets by elimination step", uptr),
+             (la.PT_UPD, "UPD: position updated by each multiply-add", upd),
+             (la.PT_PERM, "PERM: the unknown eliminated at each step", e.perm),
+             (la.PT_ROWO, "ROWO: original row of each stored entry", e.perm[rows]),
+             (la.PT_COLO, "COLO: original column of each stored entry", e.perm[e.indices]))
+    for slot, name, arr in parts:
+        header[slot] = tables.add(name, arr)[0]
+    header[la.PT_N] = d.n
+    header[la.PT_NV] = e.fill_nnz
+    header[la.PT_PERMUTED] = int(e.permuted)
+    header[la.PT_THRESHOLD] = int(round(pivot_threshold * 1e9))
+    tables.parts[0] = (tables.parts[0][0], 0, header)
+    return [f"LU_SHAPE = (1, {e.fill_nnz})  # per-sample storage of dF/dy and its factors (pattern values)",
+            f"ELIMINATION_ORDER = {e.order!r}",
+            "_fn_factor = _driver('pattern_factor')",
+            "_fn_factor_dense = _driver('pattern_factor_dense')",
             "_fn_solve = _driver('pattern_solve')",
             "_fn_solve_transpose = _driver('pattern_solve_transpose')"]
 
@@ -734,7 +816,7 @@ def emit_module(derivation, layout: dict, key: str, options: dict | None = None,
     """The source of the generated module without its tables section, its tables (to which a
     caller may add before printing them with :meth:`Tables.source`), and the kernels the module
     binds to runtime kernels (``_fn_<name>`` defined, no function ``<name>``)."""
-    opts = {"pivot_threshold": 0.1, **(options or {})}
+    opts = {"pivot_threshold": 0.1, "pattern_storage": False, **(options or {})}
     d = derivation
     tables = tables if tables is not None else Tables()
     smap = slot_map(d.unknowns, d.params)
@@ -742,15 +824,20 @@ def emit_module(derivation, layout: dict, key: str, options: dict | None = None,
     out = [_header(d, layout, key)]
     out.append(f"N = {d.n}\nM = {d.m}\nCHUNK = {CHUNK}\nFACTORIZATION = {d.factorization!r}\n")
     out.append("LAYOUT = " + pprint.pformat(layout, width=100, sort_dicts=False, compact=True) + "\n")
+    # Residual systems above the unrolled size store a sparse dF/dy as its pattern values.
+    pattern = bool(opts["pattern_storage"]) and d.factorization == "sparse" and d.n >= SPARSE_LOOPS_MIN_N
     # (first: the sparse elimination's header must be the module's first table)
-    factor = _kernels_factor_sparse(d, opts["pivot_threshold"], tables) if d.factorization == "sparse" else []
+    if pattern:
+        factor = _kernels_factor_pattern(d, opts["pivot_threshold"], tables)
+    else:
+        factor = _kernels_factor_sparse(d, opts["pivot_threshold"], tables) if d.factorization == "sparse" else []
     sections = [
         _kernel_residual(d, smap, tables),
-        _kernel_residual_jacobian(d, smap, tables),
+        _kernel_residual_jacobian(d, smap, tables, pattern),
         _kernel_residual_scale(d, smap, tables),
         _kernel_vjp_params(d, smap, layout["param_groups"], tables),
     ]
-    sections = [factor, _kernels_factor_wrappers(d.factorization, d.n)] + sections
+    sections = [factor, [] if pattern else _kernels_factor_wrappers(d.factorization, d.n)] + sections
     out += ["\n".join(sec) + "\n" for sec in sections if sec]
     bound = tuple(k for k in ("factor", "factor_dense", "solve", "solve_transpose")
                   if any(line.startswith(f"_fn_{k} =") for sec in sections[:2] for line in sec))
@@ -777,7 +864,7 @@ def residual_batch_serial(Y, P, OUT, tab):
 
 def module_source(derivation, layout: dict, key: str, options: dict | None = None) -> str:
     """The full source of a residual system's module."""
-    src, tables, _ = emit_module(derivation, layout, key, options)
+    src, tables, _ = emit_module(derivation, layout, key, {"pattern_storage": True, **(options or {})})
     return src + "\n\n" + tables.source()
 
 

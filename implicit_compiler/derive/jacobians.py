@@ -15,7 +15,7 @@ import sympy as sp
 
 from ..errors import StructuralSingularityError
 from .families import Family, find_families, system_slots
-from .sparsity import choose_factorization, pattern_matrix
+from .sparsity import Elimination, choose_factorization, csr_pattern, symbolic_elimination
 from .structure import maximum_matching
 
 Entry = tuple[int, int, sp.Expr]
@@ -76,7 +76,8 @@ class Derivation:
     families: tuple[FamilyDerivative, ...] = ()
     single_rows: tuple[int, ...] = ()
     factorization: str = "dense"
-    fill: np.ndarray | None = field(default=None, repr=False)
+    # the fixed-order elimination (order, filled pattern) when ``factorization == "sparse"``
+    elimination: Elimination | None = field(default=None, repr=False)
 
     @property
     def n(self) -> int:
@@ -110,13 +111,40 @@ class Derivation:
     def jac_p(self) -> list[Entry]:
         return self._instantiate("params")
 
-    def _pattern(self, which: str, cols: int) -> np.ndarray:
+    def pattern_entries(self, which: str) -> np.ndarray:
+        """``(i, j)`` of every structural non-zero of dF/dy (``"unknowns"``) or dF/dθ, ``(k, 2)``."""
         single = self.jac_y_single if which == "unknowns" else self.jac_p_single
-        pat = pattern_matrix(single, (self.n, cols))
-        for fd in self.families:
-            ij = fd.entries(which)
-            pat[ij[:, 0], ij[:, 1]] = True
+        parts = [np.array([(i, j) for i, j, _ in single], dtype=np.int64).reshape(-1, 2)]
+        parts += [fd.entries(which) for fd in self.families]
+        return np.concatenate(parts)
+
+    def pattern_csr(self) -> tuple[np.ndarray, np.ndarray]:
+        """dF/dy's pattern in compressed rows ``(indptr, indices)`` (O(nnz), no n x n matrix)."""
+        return csr_pattern(self.pattern_entries("unknowns"), self.n)
+
+    def _pattern(self, which: str, cols: int) -> np.ndarray:
+        pat = np.zeros((self.n, cols), dtype=bool)
+        ij = self.pattern_entries(which)
+        pat[ij[:, 0], ij[:, 1]] = True
         return pat
+
+    @property
+    def natural_elimination(self) -> Elimination | None:
+        """The elimination in the natural order (the unrolled kernels and the problem modules use it)."""
+        e = self.elimination
+        if e is None or e.order == "natural":
+            return e
+        cached = getattr(self, "_natural", None)
+        if cached is None:
+            indptr, indices = self.pattern_csr()
+            cached = self._natural = symbolic_elimination(indptr, indices, self.n)
+        return cached
+
+    @property
+    def fill(self) -> np.ndarray | None:
+        """Dense boolean fill pattern of the natural-order elimination (small systems; None when dense)."""
+        e = self.natural_elimination
+        return None if e is None else e.dense_fill() | self.pattern_unknowns
 
     @property
     def pattern_unknowns(self) -> np.ndarray:
@@ -181,13 +209,14 @@ def derive(system, back=None, families: bool = True) -> Derivation:
         fds.append(FamilyDerivative(family=f, d_unknowns=tuple(dy), d_params=tuple(dp), residual=back(f.template)))
     d = Derivation(residuals=residuals, unknowns=tuple(system.unknowns), params=tuple(system.params),
                    jac_y_single=jac_y, jac_p_single=jac_p, families=tuple(fds), single_rows=tuple(single))
-    pattern = d.pattern_unknowns
+    indptr, indices = d.pattern_csr()
     # Structural rank of the true derivative pattern (a symbol can cancel in diff).
-    inc = [set(np.flatnonzero(row)) for row in pattern]
+    idx = indices.tolist()
+    inc = [set(idx[indptr[i]:indptr[i + 1]]) for i in range(n)]
     if any(c < 0 for c in maximum_matching(inc, len(system.unknowns))):
         raise StructuralSingularityError(
             "dF/dy is structurally singular once derivatives are taken (a symbol cancels "
             "when differentiated); check the residuals for unknowns that enter only trivially"
         )
-    d.factorization, d.fill = choose_factorization(pattern)
+    d.factorization, d.elimination = choose_factorization((indptr, indices, n))
     return d

@@ -26,9 +26,30 @@ from . import signatures as sg
 from .fixed_point import fixed_point_one
 from .interior_point import ip_one, kkt_error, kkt_finalize, problem_scaling
 from .linalg import (
+    PIV_DENSE,
+    PIV_DENSE_IN_PATTERN,
+    PIV_NEEDS_DENSE,
+    PIV_SPARSE,
+    PT_COL,
+    PT_DIAG,
+    PT_LCPOS,
+    PT_LCPTR,
+    PT_N,
+    PT_NV,
+    PT_PERM,
+    PT_PERMUTED,
+    PT_RPTR,
+    PT_THRESHOLD,
+    PT_UPD,
+    PT_UPTR,
+    dense_area,
     lu_factor,
     lu_solve,
     lu_solve_transpose,
+    pattern_lu_factor,
+    pattern_lu_solve,
+    pattern_lu_solve_transpose,
+    pattern_to_dense,
     sparse_lu_factor,
     sparse_lu_solve,
     sparse_lu_solve_transpose,
@@ -37,7 +58,15 @@ from .newton import newton_one
 from .status import NONFINITE
 from .trust_region import trust_region_one
 
-BATCH_CHUNK = 64  # samples per prange work item
+BATCH_CHUNK = 64  # samples per prange work item, at most
+
+
+@njit(cache=True, inline="always")
+def batch_chunk(B):
+    """Samples per ``prange`` work item: at most ``BATCH_CHUNK``, and at least 8 items when the
+    batch allows, so that the threads (prange splits the items evenly) get about the same number
+    of samples (B = 100 in chunks of 64 gave one thread 64 samples, the other 36)."""
+    return max(1, min(BATCH_CHUNK, (B + 7) // 8))
 
 _f1, _f2, _f3, _i1, _i2, _b1, _s1 = sg.f1, sg.f2, sg.f3, sg.i1, sg.i2, sg.b1, sg.s1
 _f64, _i64 = types.float64, types.int64
@@ -67,20 +96,24 @@ def _signatures():
         out[kind + "_batch_parallel"] = types.void(*kern, *args)
     out["residual_batch"] = types.void(sg.fn(sg.RESIDUAL), _f2, _f2, _f2, _i1)
     out["solve_batch"] = types.void(sg.fn(sg.SOLVE), sg.fn(sg.SOLVE), _f3, _i2, _s1, _f2, types.boolean, _i1)
-    for name in ("dense_factor", "pattern_factor"):
+    for name in ("dense_factor", "fill_factor", "pattern_factor", "pattern_factor_dense"):
         out[name] = sg.FACTOR
-    for name in ("dense_solve", "dense_solve_transpose", "pattern_solve", "pattern_solve_transpose"):
+    for name in ("dense_solve", "dense_solve_transpose", "fill_solve", "fill_solve_transpose", "pattern_solve",
+                 "pattern_solve_transpose"):
         out[name] = sg.SOLVE
+    out["pattern_dense_factor_batch"] = types.void(_f3, _i2, _i1)
     out["ip_eval_batch"] = types.void(sg.fn(sg.IP_EVAL), _f2, _f2, _f2, _f2, _f3, _f2, _f3, _i1)
     return out
 
 
 # ---------------------------------------------------------------- linear algebra kernels
 # For systems above INLINE_MAX_N unknowns (codegen/emit.py) the factorisation kernels are
-# these, shared by every module (a module of that size compiles none of its own). The
-# fixed-order sparse elimination reads its pattern from the module's table: ``tab[0:16]``
-# are the (start, stop) of the compressed columns / rows of L and U (pointers, indices:
-# LCOL, LROW, UROW, UCOL), ``tab[16]`` the pivot threshold in units of 1e-9.
+# these, shared by every module (a module of that size compiles none of its own).
+#
+# ``fill_*``: fixed-order sparse elimination in the natural order on a dense (n, n) J (the
+# optimization problems' modules): ``tab[0:16]`` are the (start, stop) of the compressed
+# columns / rows of L and U (pointers, indices: LCOL, LROW, UROW, UCOL), ``tab[16]`` the
+# pivot threshold in units of 1e-9.
 PATTERN_HEADER = 17
 
 
@@ -102,13 +135,13 @@ def dense_solve_transpose(J, piv, b, tab):
 
 
 @njit(cache=True, error_model="numpy")
-def pattern_factor(J, piv, tab):
+def fill_factor(J, piv, tab):
     return sparse_lu_factor(J.shape[0], J, piv, tab[tab[0]:tab[1]], tab[tab[2]:tab[3]], tab[tab[8]:tab[9]],
                             tab[tab[10]:tab[11]], tab[16] * 1e-9)
 
 
 @njit(cache=True, error_model="numpy")
-def pattern_solve(J, piv, b, tab):
+def fill_solve(J, piv, b, tab):
     n = J.shape[0]
     if piv[n] == 1:
         lu_solve(n, J, piv, b)
@@ -117,13 +150,114 @@ def pattern_solve(J, piv, b, tab):
 
 
 @njit(cache=True, error_model="numpy")
-def pattern_solve_transpose(J, piv, b, tab):
+def fill_solve_transpose(J, piv, b, tab):
     n = J.shape[0]
     if piv[n] == 1:
         lu_solve_transpose(n, J, piv, b)
     else:
         sparse_lu_solve_transpose(n, J, b, tab[tab[0]:tab[1]], tab[tab[2]:tab[3]], tab[tab[12]:tab[13]],
                                   tab[tab[14]:tab[15]])
+
+
+# ``pattern_*``: pattern-sized storage (residual systems above INLINE_MAX_N unknowns with a
+# sparse factorisation): J is ``(1, L)``, the values of the filled pattern of ``P A P^T``
+# (layout and the ``piv[n]`` flags in :mod:`implicit_compiler.runtime.linalg`). A storage of
+# ``L >= nv + n*n`` has room for dense factors: the kernels then factor by dense LU with
+# partial pivoting there (the samples re-solved after a sparse pivot failed).
+
+
+@njit(cache=True, error_model="numpy")
+def pattern_factor_dense(J, piv, tab):
+    """Dense LU with partial pivoting of the matrix in ``J``'s pattern values, in its dense
+    area; without one, ``piv[n] = 2`` (re-solve with room) and 0.0."""
+    n = tab[PT_N]
+    if J.shape[1] < tab[PT_NV] + n * n:
+        piv[n] = PIV_NEEDS_DENSE
+        return 0.0
+    D = dense_area(J, n)
+    pattern_to_dense(J, D, tab)
+    piv[n] = PIV_DENSE_IN_PATTERN
+    return lu_factor(n, D, piv)
+
+
+@njit(cache=True, error_model="numpy")
+def pattern_factor(J, piv, tab):
+    """Fixed-order elimination over the filled pattern; a failed pivot check falls back to
+    :func:`pattern_factor_dense` (never returns < 0)."""
+    n = tab[PT_N]
+    nv = tab[PT_NV]
+    if J.shape[1] >= nv + n * n:
+        return pattern_factor_dense(J, piv, tab)
+    if piv[n] == PIV_NEEDS_DENSE:  # sticky: the sample is re-solved with room for dense factors
+        return 0.0
+    v = J[0]
+    minp = pattern_lu_factor(n, v, tab[tab[PT_RPTR]:tab[PT_RPTR] + n + 1], tab[tab[PT_DIAG]:tab[PT_DIAG] + n],
+                             tab[tab[PT_LCPTR]:tab[PT_LCPTR] + n + 1], tab[tab[PT_LCPOS]:],
+                             tab[tab[PT_UPTR]:tab[PT_UPTR] + n + 1], tab[tab[PT_UPD]:], tab[PT_THRESHOLD] * 1e-9)
+    if minp < 0.0:
+        return pattern_factor_dense(J, piv, tab)
+    piv[n] = PIV_SPARSE
+    return minp
+
+
+@njit(cache=True, inline="always")
+def _pattern_solve(J, piv, b, tab, transpose):
+    n = b.shape[0]
+    flag = piv[n]
+    if flag == PIV_DENSE or flag == PIV_DENSE_IN_PATTERN:
+        if J.size < n * n:
+            # a pattern storage without room: the sample's dense factors are kept beside the
+            # result (runtime.kernels: Kernels.vjp / solve_linear use them), not here
+            for i in range(n):
+                b[i] = np.nan
+            return
+        if transpose:
+            lu_solve_transpose(n, dense_area(J, n), piv, b)
+        else:
+            lu_solve(n, dense_area(J, n), piv, b)
+        return
+    if flag != PIV_SPARSE:  # no factors stored
+        for i in range(n):
+            b[i] = np.nan
+        return
+    v = J[0]
+    nv = tab[PT_NV]
+    rptr = tab[tab[PT_RPTR]:tab[PT_RPTR] + n + 1]
+    col = tab[tab[PT_COL]:tab[PT_COL] + nv]
+    diag = tab[tab[PT_DIAG]:tab[PT_DIAG] + n]
+    if tab[PT_PERMUTED]:
+        perm = tab[tab[PT_PERM]:tab[PT_PERM] + n]
+        x = np.empty(n)
+        for k in range(n):
+            x[k] = b[perm[k]]
+        if transpose:
+            pattern_lu_solve_transpose(n, v, x, rptr, col, diag)
+        else:
+            pattern_lu_solve(n, v, x, rptr, col, diag)
+        for k in range(n):
+            b[perm[k]] = x[k]
+    elif transpose:
+        pattern_lu_solve_transpose(n, v, b, rptr, col, diag)
+    else:
+        pattern_lu_solve(n, v, b, rptr, col, diag)
+
+
+@njit(cache=True, error_model="numpy")
+def pattern_solve(J, piv, b, tab):
+    _pattern_solve(J, piv, b, tab, False)
+
+
+@njit(cache=True, error_model="numpy")
+def pattern_solve_transpose(J, piv, b, tab):
+    _pattern_solve(J, piv, b, tab, True)
+
+
+@njit(cache=True, error_model="numpy")
+def pattern_dense_factor_batch(LU, PIV, tab):
+    """Dense LU with partial pivoting, in place, of every ``LU[b]`` (pattern values with room
+    for the dense factors): the factors of samples re-solved after a sparse pivot failed."""
+    for b in range(LU.shape[0]):
+        pattern_factor_dense(LU[b], PIV[b], tab)
 
 
 # ---------------------------------------------------------------- residual systems
@@ -151,10 +285,11 @@ def drive_newton_batch_parallel(residual, residual_jacobian, residual_scale, fac
                                 solve_transpose,
                           Y0, P, ftol, rtol, xtol, max_iter, singular_tol, Y, LU, PIV, STATUS, INFO, tab):
     B = Y.shape[0]
-    nchunks = (B + BATCH_CHUNK - 1) // BATCH_CHUNK
+    chunk = batch_chunk(B)
+    nchunks = (B + chunk - 1) // chunk
     for c in prange(nchunks):
         drive_newton_range(residual, residual_jacobian, residual_scale, factor, factor_dense, solve, solve_transpose,
-                     c * BATCH_CHUNK, min(B, (c + 1) * BATCH_CHUNK), Y0, P, ftol, rtol, xtol, max_iter, singular_tol,
+                     c * chunk, min(B, (c + 1) * chunk), Y0, P, ftol, rtol, xtol, max_iter, singular_tol,
                      Y, LU, PIV, STATUS, INFO, tab)
 
 
@@ -163,7 +298,8 @@ def drive_trust_region_range(residual, residual_jacobian, residual_scale, factor
                        lo, hi, Y0, P, ftol, rtol, xtol, max_iter, singular_tol, Y, LU, PIV, STATUS, INFO, tab):
     n = Y.shape[1]
     m = P.shape[1]
-    Jc = np.zeros((n, n))  # dF/dy unfactored: only residual_jacobian writes it, the rest stays 0
+    # dF/dy unfactored, stored as LU[b] is: only residual_jacobian writes it, the rest stays 0
+    Jc = np.zeros((LU.shape[1], LU.shape[2]))
     F = np.empty(n)
     V = np.empty((7, n))
     W = np.empty((3, n))
@@ -179,10 +315,11 @@ def drive_trust_region_batch_parallel(residual, residual_jacobian, residual_scal
                                 solve_transpose, Y0, P, ftol, rtol, xtol, max_iter, singular_tol, Y, LU, PIV,
                                 STATUS, INFO, tab):
     B = Y.shape[0]
-    nchunks = (B + BATCH_CHUNK - 1) // BATCH_CHUNK
+    chunk = batch_chunk(B)
+    nchunks = (B + chunk - 1) // chunk
     for c in prange(nchunks):
         drive_trust_region_range(residual, residual_jacobian, residual_scale, factor, factor_dense, solve,
-                           solve_transpose, c * BATCH_CHUNK, min(B, (c + 1) * BATCH_CHUNK), Y0, P, ftol, rtol, xtol,
+                           solve_transpose, c * chunk, min(B, (c + 1) * chunk), Y0, P, ftol, rtol, xtol,
                            max_iter, singular_tol, Y, LU, PIV, STATUS, INFO, tab)
 
 
@@ -214,10 +351,11 @@ def drive_fixed_point_range(residual, residual_jacobian, factor, factor_dense, s
 def drive_fixed_point_batch_parallel(residual, residual_jacobian, factor, factor_dense, solve, solve_transpose,
                                Y0, P, ftol, rtol, max_iter, singular_tol, memory, Y, LU, PIV, STATUS, INFO, tab):
     B = Y.shape[0]
-    nchunks = (B + BATCH_CHUNK - 1) // BATCH_CHUNK
+    chunk = batch_chunk(B)
+    nchunks = (B + chunk - 1) // chunk
     for c in prange(nchunks):
         drive_fixed_point_range(residual, residual_jacobian, factor, factor_dense, solve, solve_transpose,
-                          c * BATCH_CHUNK, min(B, (c + 1) * BATCH_CHUNK), Y0, P, ftol, rtol, max_iter, singular_tol,
+                          c * chunk, min(B, (c + 1) * chunk), Y0, P, ftol, rtol, max_iter, singular_tol,
                           memory, Y, LU, PIV, STATUS, INFO, tab)
 
 
@@ -239,9 +377,10 @@ def drive_vjp_range(solve_transpose, vjp_params, lo, hi, Y, P, LU, PIV, STATUS, 
 @njit(cache=True, error_model="numpy", parallel=True)
 def drive_vjp_batch_parallel(solve_transpose, vjp_params, Y, P, LU, PIV, STATUS, YBAR, need, PBAR, tab):
     B = Y.shape[0]
-    nchunks = (B + BATCH_CHUNK - 1) // BATCH_CHUNK
+    chunk = batch_chunk(B)
+    nchunks = (B + chunk - 1) // chunk
     for c in prange(nchunks):
-        drive_vjp_range(solve_transpose, vjp_params, c * BATCH_CHUNK, min(B, (c + 1) * BATCH_CHUNK), Y, P, LU, PIV,
+        drive_vjp_range(solve_transpose, vjp_params, c * chunk, min(B, (c + 1) * chunk), Y, P, LU, PIV,
                         STATUS, YBAR, need, PBAR, tab)
 
 
@@ -325,10 +464,11 @@ def drive_ip_range(ip_eval, ip_obj, ip_hess, residual, residual_jacobian, factor
 def drive_ip_batch_parallel(ip_eval, ip_obj, ip_hess, residual, residual_jacobian, factor_dense,
                       nq, nr, Y0, P, tol, max_iter, singular_tol, weak_tol, Z, LU, PIV, STATUS, INFO, tab):
     B = Z.shape[0]
-    nchunks = (B + BATCH_CHUNK - 1) // BATCH_CHUNK
+    chunk = batch_chunk(B)
+    nchunks = (B + chunk - 1) // chunk
     for c in prange(nchunks):
         drive_ip_range(ip_eval, ip_obj, ip_hess, residual, residual_jacobian, factor_dense,
-                 c * BATCH_CHUNK, min(B, (c + 1) * BATCH_CHUNK), nq, nr, Y0, P, tol, max_iter, singular_tol, weak_tol,
+                 c * chunk, min(B, (c + 1) * chunk), nq, nr, Y0, P, tol, max_iter, singular_tol, weak_tol,
                  Z, LU, PIV, STATUS, INFO, tab)
 
 
@@ -382,10 +522,11 @@ def drive_kkt_finalize_range(ip_eval, ip_hess, residual, residual_jacobian, fact
 def drive_kkt_finalize_batch_parallel(ip_eval, ip_hess, residual, residual_jacobian, factor_dense,
                                 nq, nr, Z, P, weak_tol, singular_tol, LU, PIV, STATUS, INFO, tab):
     B = Z.shape[0]
-    nchunks = (B + BATCH_CHUNK - 1) // BATCH_CHUNK
+    chunk = batch_chunk(B)
+    nchunks = (B + chunk - 1) // chunk
     for c in prange(nchunks):
         drive_kkt_finalize_range(ip_eval, ip_hess, residual, residual_jacobian, factor_dense,
-                           c * BATCH_CHUNK, min(B, (c + 1) * BATCH_CHUNK), nq, nr, Z, P, weak_tol, singular_tol,
+                           c * chunk, min(B, (c + 1) * chunk), nq, nr, Z, P, weak_tol, singular_tol,
                            LU, PIV, STATUS,
                            INFO, tab)
 

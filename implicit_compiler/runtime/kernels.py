@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import drivers, threads
 from . import status as st
-from . import threads
+from .linalg import PIV_DENSE_IN_PATTERN, PIV_NEEDS_DENSE
 from .options import SolverOptions
 
 
@@ -40,7 +41,13 @@ class SolveResult:
         return self.status == st.CONVERGED
 
     def summary(self) -> str:
-        return st.summarize(self.status)
+        text = st.summarize(self.status)
+        fallback = getattr(self, "dense_fallback", None)
+        if fallback is not None and fallback.any():
+            k = int(np.count_nonzero(fallback))
+            text += (f"\n{k} sample(s) solved with dense LU with partial pivoting: a pivot of the fixed-order "
+                     f"sparse elimination failed its size check (first: sample {int(np.flatnonzero(fallback)[0])})")
+        return text
 
 
 def _kernel_array(a: np.ndarray) -> np.ndarray:
@@ -95,6 +102,9 @@ class Kernels:
         self.n = module.N
         self.m = module.M
         self.sparse = getattr(module, "FACTORIZATION", "dense") == "sparse"
+        # Per-sample storage of dF/dy and its factors: (n, n), or (1, L) pattern values (runtime.linalg)
+        self.lu_shape = tuple(getattr(module, "LU_SHAPE", (self.n, self.n)))
+        self.pattern = self.lu_shape != (self.n, self.n)
         self.tab = module.TABLES  # the module's integer tables, passed to every kernel
         self.pool = ArrayPool()
         # The generated drivers read Y0 as (1, n) (one guess for every sample) or (B, n);
@@ -112,29 +122,91 @@ class Kernels:
         n = self.n
         if Y0.shape[0] != B and not (Y0.shape[0] == 1 and self.shared_y0):
             Y0 = np.ascontiguousarray(np.broadcast_to(Y0, (B, n)))
-        if B * n * (n + 1) * 8 < ArrayPool.min_bytes:  # small: plain allocations are cheaper
+        shape = (B, *self.lu_shape)
+        # Sparse elimination writes only the fill positions: the rest must read as zero (a
+        # pattern storage holds fill positions only; its Jacobian kernel zeroes the fill-in).
+        zero_lu = self.sparse and not self.pattern
+        if B * (self.lu_shape[0] * self.lu_shape[1] + n) * 8 < ArrayPool.min_bytes:  # small: plain allocations
             Y = np.empty((B, n))
-            LU = np.zeros((B, n, n)) if self.sparse else np.empty((B, n, n))
+            LU = np.zeros(shape) if zero_lu else np.empty(shape)
             PIV = np.empty((B, n + 1), dtype=np.int64)
             STATUS = np.empty(B, dtype=np.int8)
             INFO = np.empty((B, 2))
         else:
             pool = self.pool
             Y = pool.empty("Y", (B, n))
-            # Sparse elimination writes only the fill positions: the rest must read as zero.
-            LU = pool.zeros("LU", (B, n, n)) if self.sparse else pool.empty("LU", (B, n, n))
+            LU = pool.zeros("LU", shape) if zero_lu else pool.empty("LU", shape)
             PIV = pool.empty("PIV", (B, n + 1), np.int64)
             STATUS = pool.empty("STATUS", (B,), np.int8)
             INFO = pool.empty("INFO", (B, 2))
+        if self.pattern:
+            PIV[:, n] = 0  # (a flag PIV_NEEDS_DENSE, once set by the factor kernel, stays)
         method, scalars = self._scalar_options(options)
         kind = {"newton": "newton", "trust-region": "trust_region"}.get(method, "fixed_point")
         self._run(kind, B, (Y0, P, *scalars, Y, LU, PIV, STATUS, INFO), options.parallel_threshold)
+        fallback = None
+        if self.pattern:
+            redo = np.flatnonzero(PIV[:, n] == PIV_NEEDS_DENSE)
+            if redo.size:
+                fallback = self._solve_dense_fallback(kind, redo, Y0, P, scalars, Y, LU, PIV, STATUS, INFO)
         if B < 4096:
             iterations = INFO[:, 0].astype(np.int64)
         else:
             iterations = self.pool.empty("iterations", (B,), np.int64)
             np.copyto(iterations, INFO[:, 0], casting="unsafe")
-        return SolveResult(Y, STATUS, iterations, INFO[:, 1], P, LU, PIV)
+        res = SolveResult(Y, STATUS, iterations, INFO[:, 1], P, LU, PIV)
+        mask = np.zeros(B, dtype=bool)
+        if fallback is not None:
+            mask[fallback[0]] = True
+            res.dense_factors = fallback  # (samples, factors, pivots); not an array: not a result tensor
+        res.dense_fallback = mask
+        return res
+
+    # ------------------------------------------------------------------ dense fallback (pattern storage)
+    # A pattern storage holds the sparse factors only. A sample whose fixed-order elimination
+    # meets a pivot that fails its size check (the factor kernel flags it PIV_NEEDS_DENSE and
+    # reports a zero pivot) is solved again from its initial guess with a storage that has room
+    # for dense factors (LU with partial pivoting, runtime.drivers.pattern_factor_dense). Its
+    # pattern values at y* and the flag PIV_DENSE_IN_PATTERN are kept in the result; the dense
+    # factors are kept beside it (``dense_factors``) and recomputed from the pattern values when
+    # a result comes back without them (from torch's saved tensors). ``dense_fallback`` marks
+    # those samples.
+
+    def _dense_storage(self, k: int):
+        L = self.lu_shape[1] + self.n * self.n
+        return np.zeros((k, 1, L)), np.zeros((k, self.n + 1), dtype=np.int64)
+
+    def _solve_dense_fallback(self, kind, idx, Y0, P, scalars, Y, LU, PIV, STATUS, INFO):
+        n, k = self.n, idx.size
+        LU2, PIV2 = self._dense_storage(k)
+        Y2 = np.empty((k, n))
+        STATUS2 = np.empty(k, dtype=np.int8)
+        INFO2 = np.empty((k, 2))
+        Y0s = Y0 if Y0.shape[0] == 1 else np.ascontiguousarray(Y0[idx])
+        getattr(self.module, kind + "_range")(0, k, Y0s, np.ascontiguousarray(P[idx]), *scalars, Y2, LU2, PIV2,
+                                              STATUS2, INFO2, self.tab)
+        Y[idx] = Y2
+        STATUS[idx] = STATUS2
+        INFO[idx] = INFO2
+        PIV[idx] = PIV2
+        PIV[idx, n] = PIV_DENSE_IN_PATTERN
+        LU[idx, :, :] = LU2[:, :, :self.lu_shape[1]]
+        return idx, LU2, PIV2
+
+    def _fallback_factors(self, res):
+        """``(samples, factors, pivots)`` of the samples of ``res`` factored densely, or None."""
+        if not self.pattern or res.piv.shape[1] != self.n + 1 or res.lu.shape[1:] != self.lu_shape:
+            return None
+        idx = np.flatnonzero(res.piv[:, self.n] == PIV_DENSE_IN_PATTERN)
+        if idx.size == 0:
+            return None
+        got = getattr(res, "dense_factors", None)
+        if got is not None and np.array_equal(got[0], idx):
+            return got
+        LU2, PIV2 = self._dense_storage(idx.size)
+        LU2[:, :, :self.lu_shape[1]] = res.lu[idx]
+        drivers.driver("pattern_dense_factor_batch").dispatcher(LU2, PIV2, self.tab)
+        return idx, LU2, PIV2
 
     def _scalar_options(self, options: SolverOptions) -> tuple:
         """(method, the driver's scalar arguments), remembered for the last options object."""
@@ -160,8 +232,20 @@ class Kernels:
         """
         B = Ybar.shape[0]
         PBAR = self.pool.empty("PBAR", (B, self.m))
-        args = (res.y, res.p, res.lu, res.piv, res.status, Ybar, need, PBAR)
+        fb = self._fallback_factors(res)
+        status = res.status
+        if fb is not None:
+            status = status.copy()
+            status[fb[0]] = st.SINGULAR_JACOBIAN  # done below, with their dense factors
+        args = (res.y, res.p, res.lu, res.piv, status, Ybar, need, PBAR)
         self._run("vjp", B, args, parallel_threshold)
+        if fb is not None:
+            idx, LU2, PIV2 = fb
+            sub = np.empty((idx.size, self.m))
+            self.module.vjp_range(0, idx.size, np.ascontiguousarray(res.y[idx]), np.ascontiguousarray(res.p[idx]),
+                                  LU2, PIV2, np.ascontiguousarray(res.status[idx]),
+                                  _kernel_array(np.ascontiguousarray(Ybar[idx])), need, sub, self.tab)
+            PBAR[idx] = sub
         return PBAR
 
     def _run(self, kind: str, B: int, args: tuple, parallel_threshold: int) -> None:
@@ -213,7 +297,17 @@ class Kernels:
         factorisation of ``J_b = ∂F/∂y(y*_b)`` that the forward solve left in ``res``; zero
         rows for the samples that did not converge. ``R``: ``(B, n)``; returns a new array."""
         X = np.array(R, dtype=np.float64, order="C")
-        self.module.solve_batch(res.lu, res.piv, res.status, X, bool(transpose), self.tab)
+        fb = self._fallback_factors(res)
+        if fb is None:
+            self.module.solve_batch(res.lu, res.piv, res.status, X, bool(transpose), self.tab)
+            return X
+        idx, LU2, PIV2 = fb
+        sub = np.ascontiguousarray(X[idx])
+        status = res.status.copy()
+        status[idx] = st.SINGULAR_JACOBIAN  # solved below, with their dense factors
+        self.module.solve_batch(res.lu, res.piv, status, X, bool(transpose), self.tab)
+        self.module.solve_batch(LU2, PIV2, np.ascontiguousarray(res.status[idx]), sub, bool(transpose), self.tab)
+        X[idx] = sub
         return X
 
     def residual(self, Y: np.ndarray, P: np.ndarray) -> np.ndarray:

@@ -319,3 +319,221 @@ def sparse_lu_solve_transpose(n, J, b, lcol_ptr, lcol_idx, ucol_ptr, ucol_idx):
             j = lcol_idx[q]
             s -= J[j, i] * b[j]
         b[i] = s
+
+
+# ---------------------------------------------------------------- pattern-sized storage
+# Above the unrolled size a sparse module stores dF/dy and its factors as the values of the
+# filled pattern only, ``J`` of shape ``(1, L)``: position ``q < nv`` holds entry
+# ``(row, col)`` of ``P A P^T`` in compressed rows (columns sorted), for the symmetric
+# elimination order ``perm`` chosen at compile time. The module's table ``tab`` describes it,
+# from ``tab[0]`` on (offsets into ``tab``; see ``codegen.emit._kernels_factor_pattern``):
+PT_N, PT_NV, PT_PERMUTED, PT_THRESHOLD = 0, 1, 2, 3
+PT_RPTR, PT_COL, PT_DIAG, PT_LCPTR, PT_LCPOS, PT_UPTR, PT_UPD, PT_PERM, PT_ROWO, PT_COLO = range(4, 14)
+PT_HEADER_SIZE = 16
+# ``piv[n]`` says what ``J`` holds: 0 the sparse factors; 2 nothing (a pivot failed and the
+# storage has no room for dense factors: the caller re-solves the sample with room, see
+# ``runtime.kernels``); 3 dense LU factors (partial pivoting) of A in the last n*n entries
+# of a storage with that room; 1 (the dense modules' flag) dense factors in a plain (n, n) J.
+PIV_SPARSE, PIV_DENSE, PIV_NEEDS_DENSE, PIV_DENSE_IN_PATTERN = 0, 1, 2, 3
+
+
+@njit(cache=True, inline="always")
+def dense_area(J, n):
+    """The last ``n * n`` entries of ``J`` as an ``(n, n)`` matrix (all of a plain (n, n) J)."""
+    return J.reshape(J.size)[J.size - n * n:].reshape((n, n))
+
+
+@njit(cache=True)
+def pattern_lu_factor(n, v, rptr, diag, lcptr, lcpos, uptr, upd, threshold):
+    """Right-looking elimination in place over the filled pattern (values ``v``), no pivoting;
+    leaves L (unit diagonal) below, U above and ``1 / U[k, k]`` on the diagonal. Returns
+    ``min_k |U[k, k]|``, or -1.0 when a pivot fails
+    ``|pivot| >= threshold * max |entries below it|`` (or is 0, or NaN is met)."""
+    minp = np.inf
+    for k in range(n):
+        dk = diag[k]
+        a = abs(v[dk])
+        lo = lcptr[k]
+        hi = lcptr[k + 1]
+        cmax = 0.0
+        for t in range(lo, hi):
+            x = abs(v[lcpos[t]])
+            if not x <= cmax:  # NaN propagates and fails the test below
+                cmax = x
+        if not (a > 0.0 and a >= threshold * cmax):
+            return -1.0
+        if a < minp:
+            minp = a
+        inv = 1.0 / v[dk]
+        v[dk] = inv  # the solves multiply by the reciprocal pivot (no division on their dependency chain)
+        if hi > lo:
+            u0 = dk + 1
+            u1 = rptr[k + 1]
+            w = uptr[k]
+            for t in range(lo, hi):
+                p = lcpos[t]
+                v[p] *= inv
+                lik = v[p]
+                for q in range(u0, u1):
+                    v[upd[w]] -= lik * v[q]
+                    w += 1
+    return minp
+
+
+@njit(cache=True)
+def pattern_lu_solve(n, v, x, rptr, col, diag):
+    """``x <- (L U)^{-1} x`` with the factors of :func:`pattern_lu_factor` (permuted numbering)."""
+    for i in range(n):
+        s = x[i]
+        for q in range(rptr[i], diag[i]):
+            s -= v[q] * x[col[q]]
+        x[i] = s
+    for i in range(n - 1, -1, -1):
+        s = x[i]
+        for q in range(diag[i] + 1, rptr[i + 1]):
+            s -= v[q] * x[col[q]]
+        x[i] = s * v[diag[i]]
+
+
+@njit(cache=True)
+def pattern_lu_solve_transpose(n, v, x, rptr, col, diag):
+    """``x <- (L U)^{-T} x`` (``U^T`` then ``L^T``, column by column)."""
+    for i in range(n):
+        xi = x[i] * v[diag[i]]
+        x[i] = xi
+        for q in range(diag[i] + 1, rptr[i + 1]):
+            x[col[q]] -= v[q] * xi
+    for i in range(n - 1, -1, -1):
+        xi = x[i]
+        for q in range(rptr[i], diag[i]):
+            x[col[q]] -= v[q] * xi
+
+
+@njit(cache=True, inline="always")
+def _pt(tab, which, size):
+    a = tab[which]
+    return tab[a:a + size]
+
+
+@njit(cache=True)
+def pattern_to_dense(J, D, tab):
+    """``D`` (n x n, original numbering) <- the matrix whose pattern values are ``J[0, :nv]``."""
+    n = tab[PT_N]
+    nv = tab[PT_NV]
+    rowo = _pt(tab, PT_ROWO, nv)
+    colo = _pt(tab, PT_COLO, nv)
+    for i in range(n):
+        for j in range(n):
+            D[i, j] = 0.0
+    for q in range(nv):
+        D[rowo[q], colo[q]] = J[0, q]
+
+
+@njit(cache=True)
+def equilibrate_pattern(n, A, rmax, cmax, tab):
+    """:func:`equilibrate` for pattern storage: the same scales and norm, O(nnz)."""
+    nv = tab[PT_NV]
+    rowo = _pt(tab, PT_ROWO, nv)
+    colo = _pt(tab, PT_COLO, nv)
+    v = A[0]
+    for i in range(n):
+        rmax[i] = 0.0
+        cmax[i] = 0.0
+    for q in range(nv):
+        a = abs(v[q])
+        r = rowo[q]
+        if not a <= rmax[r]:
+            rmax[r] = a
+    for i in range(n):
+        m = rmax[i]
+        if not m < np.inf:
+            return -1.0
+        rmax[i] = m if m > 0.0 else 1.0
+    for q in range(nv):
+        a = v[q]
+        if a != 0.0:
+            t = abs(a) / rmax[rowo[q]]
+            c = colo[q]
+            if t > cmax[c]:
+                cmax[c] = t
+    for j in range(n):
+        if not cmax[j] > 0.0:
+            cmax[j] = 1.0
+    sums = np.zeros(n)
+    for q in range(nv):
+        a = v[q]
+        if a != 0.0:
+            c = colo[q]
+            sums[c] += abs(a) / (rmax[rowo[q]] * cmax[c])
+    norm = 0.0
+    for j in range(n):
+        if sums[j] > norm:
+            norm = sums[j]
+    return norm
+
+
+@njit(cache=True, inline="always")
+def equilibrate_jacobian(n, A, rmax, cmax, tab):
+    """:func:`equilibrate` of dF/dy in either storage: a plain (n, n) ``A`` or pattern values."""
+    if A.shape[0] == n:
+        return equilibrate(n, A, rmax, cmax)
+    return equilibrate_pattern(n, A, rmax, cmax, tab)
+
+
+@njit(cache=True)
+def pattern_column_norms(n, A, out, tab):
+    """``out[j] = ||A[:, j]||_2`` (scaled by the column's largest entry, as ``tr_column_norm``)."""
+    nv = tab[PT_NV]
+    colo = _pt(tab, PT_COLO, nv)
+    v = A[0]
+    cm = np.zeros(n)
+    for q in range(nv):
+        a = abs(v[q])
+        c = colo[q]
+        if a > cm[c]:
+            cm[c] = a
+    for j in range(n):
+        out[j] = 0.0
+    for q in range(nv):
+        c = colo[q]
+        if cm[c] > 0.0:
+            t = v[q] / cm[c]
+            out[c] += t * t
+    for j in range(n):
+        out[j] = cm[j] * np.sqrt(out[j]) if cm[j] > 0.0 else 0.0
+
+
+@njit(cache=True)
+def pattern_matvec_add(n, A, x, w, tab):
+    """``w += A x`` for pattern storage."""
+    nv = tab[PT_NV]
+    rowo = _pt(tab, PT_ROWO, nv)
+    colo = _pt(tab, PT_COLO, nv)
+    v = A[0]
+    for q in range(nv):
+        w[rowo[q]] += v[q] * x[colo[q]]
+
+
+@njit(cache=True)
+def pattern_rmatvec(n, A, x, u, tab):
+    """``u = A^T x`` for pattern storage."""
+    nv = tab[PT_NV]
+    rowo = _pt(tab, PT_ROWO, nv)
+    colo = _pt(tab, PT_COLO, nv)
+    v = A[0]
+    for j in range(n):
+        u[j] = 0.0
+    for q in range(nv):
+        u[colo[q]] += v[q] * x[rowo[q]]
+
+
+@njit(cache=True, inline="always")
+def copy_jacobian(n, src, dst, tab):
+    """``dst <- src`` (unfactored dF/dy): all of a plain (n, n) storage, the pattern values otherwise."""
+    if src.shape[0] == n:
+        for i in range(n):
+            for j in range(n):
+                dst[i, j] = src[i, j]
+    else:
+        for q in range(tab[PT_NV]):
+            dst[0, q] = src[0, q]

@@ -39,7 +39,7 @@ import numpy as np
 from numba import njit
 
 from . import status as st
-from .linalg import equilibrate, inv_norm1
+from .linalg import equilibrate_jacobian, inv_norm1
 
 ARMIJO_C = 1e-4
 MIN_STEP = 1e-10
@@ -191,7 +191,7 @@ def solution_status(n, residual_jacobian, factor, factor_dense, solve, solve_tra
     ``NONFINITE`` if J has a NaN or inf entry; ``SINGULAR_AT_SOLUTION`` if a pivot is
     zero or ``1 / (||Ae||_1 ||Ae^{-1}||_1) < singular_tol`` for the equilibrated ``Ae``
     (see :func:`implicit_compiler.runtime.linalg.equilibrate`); else ``CONVERGED``."""
-    anorm = equilibrate(n, J, rmax, cmax)
+    anorm = equilibrate_jacobian(n, J, rmax, cmax, tab)
     if anorm < 0.0:
         return st.NONFINITE
     min_pivot = factor_checked(n, residual_jacobian, factor, factor_dense, y, p, F, J, piv, tab)

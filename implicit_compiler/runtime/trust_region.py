@@ -39,6 +39,7 @@ import numpy as np
 from numba import njit
 
 from . import status as st
+from .linalg import copy_jacobian, pattern_column_norms, pattern_matvec_add, pattern_rmatvec
 from .newton import (
     all_finite,
     converged_linearly,
@@ -95,10 +96,15 @@ def tr_column_norm(n, J, j):
 
 
 @njit(cache=True, inline="always")
-def tr_update_scaling(n, J, diag, first):
-    """``D_j = ||J[:, j]||_2`` (1 for a zero column) on the first call, then ``max`` with it."""
+def tr_update_scaling(n, J, diag, first, tab):
+    """``D_j = ||J[:, j]||_2`` (1 for a zero column) on the first call, then ``max`` with it.
+    (``J``: a plain (n, n) matrix, or pattern values, see ``runtime.linalg``.)"""
+    pattern = J.shape[0] != n
+    norms = np.empty(n if pattern else 0)
+    if pattern:
+        pattern_column_norms(n, J, norms, tab)
     for j in range(n):
-        c = tr_column_norm(n, J, j)
+        c = norms[j] if pattern else tr_column_norm(n, J, j)
         if first:
             diag[j] = c if c > 0.0 else 1.0
         elif c > diag[j]:
@@ -106,8 +112,13 @@ def tr_update_scaling(n, J, diag, first):
 
 
 @njit(cache=True, inline="always")
-def tr_model_residual(n, J, F, s, w):
+def tr_model_residual(n, J, F, s, w, tab):
     """``w = F + J s``; returns ``||w||_2``."""
+    if J.shape[0] != n:
+        for i in range(n):
+            w[i] = F[i]
+        pattern_matvec_add(n, J, s, w, tab)
+        return tr_norm2(n, w)
     for i in range(n):
         acc = F[i]
         for j in range(n):
@@ -117,25 +128,36 @@ def tr_model_residual(n, J, F, s, w):
 
 
 @njit(cache=True, inline="always")
-def tr_gradient_direction(n, J, F, diag, u, w):
+def tr_gradient_direction(n, J, F, diag, u, w, tab):
     """Scaled steepest ascent of ``||F||^2 / 2``: ``u = D^{-1} (D^{-1} g) / ||D^{-1} g||`` with
     ``g = J^T F`` (so ``||D u|| = 1``). Returns ``(gnorm, sgnorm)``: ``||D^{-1} g||`` and the
     scaled length of the step to the minimiser of ``||F + t J (-u)||`` (0, 0 when g = 0)."""
-    for j in range(n):
-        acc = 0.0
-        for i in range(n):
-            acc += J[i, j] * F[i]
-        u[j] = acc / diag[j]
+    pattern = J.shape[0] != n
+    if pattern:
+        pattern_rmatvec(n, J, F, u, tab)
+        for j in range(n):
+            u[j] = u[j] / diag[j]
+    else:
+        for j in range(n):
+            acc = 0.0
+            for i in range(n):
+                acc += J[i, j] * F[i]
+            u[j] = acc / diag[j]
     gnorm = tr_norm2(n, u)
     if not (gnorm > 0.0) or not np.isfinite(gnorm):
         return 0.0, 0.0
     for j in range(n):
         u[j] = (u[j] / gnorm) / diag[j]
-    for i in range(n):
-        acc = 0.0
-        for j in range(n):
-            acc += J[i, j] * u[j]
-        w[i] = acc
+    if pattern:
+        for i in range(n):
+            w[i] = 0.0
+        pattern_matvec_add(n, J, u, w, tab)
+    else:
+        for i in range(n):
+            acc = 0.0
+            for j in range(n):
+                acc += J[i, j] * u[j]
+            w[i] = acc
     ju = tr_norm2(n, w)
     if not (ju > 0.0) or not np.isfinite(ju):
         return 0.0, 0.0
@@ -201,7 +223,7 @@ def trust_region_one(n, m, residual, residual_jacobian, residual_scale, factor, 
     info[1] = fnorm
     if not np.isfinite(fnorm):
         return st.NONFINITE
-    tr_update_scaling(n, Jc, diag, True)
+    tr_update_scaling(n, Jc, diag, True, tab)
     delta = TR_FACTOR * tr_scaled_norm2(n, diag, y, w)
     if delta == 0.0 or not np.isfinite(delta):
         delta = TR_FACTOR
@@ -222,9 +244,7 @@ def trust_region_one(n, m, residual, residual_jacobian, residual_scale, factor, 
     while True:
         if need_factor:
             need_factor = False
-            for i in range(n):
-                for j in range(n):
-                    J[i, j] = Jc[i, j]
+            copy_jacobian(n, Jc, J, tab)
             min_pivot = factor_checked(n, residual_jacobian, factor, factor_dense, y, p, F, J, piv, tab)
             have_newton = min_pivot > 0.0
             if not have_newton:
@@ -263,7 +283,7 @@ def trust_region_one(n, m, residual, residual_jacobian, residual_scale, factor, 
                 # A pivot that is positive but tiny can give an overflowing step: use Cauchy then.
                 have_newton = np.isfinite(qnorm) and qnorm > 0.0
             bnorm = tr_norm2(n, F)
-            gnorm, sgnorm = tr_gradient_direction(n, Jc, F, diag, u, w)
+            gnorm, sgnorm = tr_gradient_direction(n, Jc, F, diag, u, w, tab)
             if not have_newton and gnorm == 0.0:
                 # dF/dy singular and J^T F = 0: no descent direction for ||F||^2.
                 return st.SINGULAR_JACOBIAN
@@ -286,7 +306,7 @@ def trust_region_one(n, m, residual, residual_jacobian, residual_scale, factor, 
             actred = -1.0
         prered = 0.0
         if bnorm > 0.0:
-            mnorm = tr_model_residual(n, Jc, F, s, w)
+            mnorm = tr_model_residual(n, Jc, F, s, w, tab)
             if mnorm < bnorm:
                 prered = 1.0 - (mnorm / bnorm) ** 2
         ratio = actred / prered if prered > 0.0 else 0.0
@@ -318,7 +338,7 @@ def trust_region_one(n, m, residual, residual_jacobian, residual_scale, factor, 
             residual_jacobian(y, p, F, Jc, tab)
             fnorm = inf_norm(n, F)
             info[1] = fnorm
-            tr_update_scaling(n, Jc, diag, False)
+            tr_update_scaling(n, Jc, diag, False, tab)
             need_factor = True
         elif 0.1 * max(0.1 * delta, pnorm) <= TR_EPS * tr_scaled_norm2(n, diag, y, w):
             break

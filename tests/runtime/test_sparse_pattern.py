@@ -1,0 +1,239 @@
+"""Pattern-sized sparse elimination (residual systems above the unrolled size) against the dense path.
+
+Each system is compiled twice: as the compiler chooses (fixed-order sparse elimination in
+pattern-sized storage, order chosen at compile time) and with the factorisation forced to
+dense LU with partial pivoting. Solutions, VJPs, linear solves and statuses must agree.
+"""
+
+from unittest import mock
+
+import numpy as np
+import pytest
+import sympy as sp
+import torch
+
+import implicit_compiler as ic
+from implicit_compiler.derive import jacobians
+from implicit_compiler.derive.sparsity import choose_factorization, csr_pattern, symbolic_elimination
+from implicit_compiler.runtime.options import SolverOptions
+
+TOL = 1e-12
+
+
+def _compile_pair(build):
+    sparse = ic.compile(build(""))
+    with mock.patch.object(jacobians, "choose_factorization", lambda pattern: ("dense", None)):
+        dense = ic.compile(build("_dense"))
+    assert sparse.kernels.pattern and sparse.system.derivation.factorization == "sparse"
+    assert dense.kernels.module.FACTORIZATION == "dense"
+    return sparse, dense
+
+
+def bratu(suffix, n=30):
+    u = sp.symbols(f"u0:{n}")
+    lam, a = sp.symbols("lam a")
+    h2 = sp.Rational(1, (n + 1) ** 2)
+    res = [(u[i - 1] if i else a) - 2 * u[i] + (u[i + 1] if i < n - 1 else 0) + h2 * lam * sp.exp(u[i])
+           for i in range(n)]
+    return ic.ResidualSystem(res, unknowns=list(u), params=[lam, a], name="pattern_bratu" + suffix)
+
+
+GRID = (4, 7)  # rows x columns, numbered row by row: bandwidth 7 in the natural order
+
+
+def grid(suffix):
+    r_, c_ = GRID
+    u = [[sp.Symbol(f"u_{i}_{j}") for j in range(c_)] for i in range(r_)]
+    a, b = sp.symbols("a b")
+    res = []
+    for i in range(r_):
+        for j in range(c_):
+            nb = [u[i + di][j + dj] for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1))
+                  if 0 <= i + di < r_ and 0 <= j + dj < c_]
+            res.append(4 * u[i][j] - sum(nb) + a * u[i][j] ** 3 - b * sp.Rational(i + 1, j + 2))
+    flat = [s for row in u for s in row]
+    return ic.ResidualSystem(res, unknowns=flat, params=[a, b], name="pattern_grid" + suffix)
+
+
+ARROW_N = 16
+
+
+def arrow(suffix):
+    # the hub y0 couples to every unknown: eliminated first (natural order) it fills all of L+U
+    n = ARROW_N
+    y = sp.symbols(f"y0:{n}")
+    a, b = sp.symbols("a b")
+    res = [(3 + a) * y[0] + sum(y[1:]) / 10 + y[0] ** 3 / 10 - b]
+    res += [y[i] * (2 + y[i] ** 2 / 10) + y[0] / 5 - b * sp.Rational(i, n) for i in range(1, n)]
+    return ic.ResidualSystem(res, unknowns=list(y), params=[a, b], name="pattern_arrow" + suffix)
+
+
+@pytest.fixture(scope="module")
+def bratu_pair():
+    return _compile_pair(bratu)
+
+
+@pytest.fixture(scope="module")
+def grid_pair():
+    return _compile_pair(grid)
+
+
+@pytest.fixture(scope="module")
+def arrow_pair():
+    return _compile_pair(arrow)
+
+
+def _params(name, B, rng):
+    if name == "bratu":
+        return np.column_stack([rng.uniform(0.5, 3.0, B), rng.uniform(-0.5, 0.5, B)])
+    return np.column_stack([rng.uniform(0.2, 2.0, B), rng.uniform(-2.0, 2.0, B)])
+
+
+def _opts(**kw):
+    return SolverOptions.from_kwargs(**kw)
+
+
+def _agree(sparse, dense, P, **kw):
+    n = sparse.kernels.n
+    o = _opts(**kw)
+    Y0 = np.zeros((1, n))
+    rs = sparse.kernels.solve(P, Y0, o)
+    rd = dense.kernels.solve(P, Y0, o)
+    np.testing.assert_array_equal(rs.status, rd.status)
+    ok = rs.status == 0
+    assert ok.any()
+    np.testing.assert_allclose(rs.y[ok], rd.y[ok], rtol=TOL, atol=TOL)
+    rng = np.random.default_rng(3)
+    Ybar = rng.standard_normal((P.shape[0], n))
+    need = np.ones(len(sparse.layout["param_groups"]), dtype=bool)
+    gs = np.array(sparse.kernels.vjp(rs, Ybar, need))
+    gd = np.array(dense.kernels.vjp(rd, Ybar, need))
+    np.testing.assert_allclose(gs[ok], gd[ok], rtol=1e-10, atol=TOL * np.abs(gd[ok]).max())
+    for transpose in (False, True):
+        xs = sparse.kernels.solve_linear(rs, Ybar, transpose)
+        xd = dense.kernels.solve_linear(rd, Ybar, transpose)
+        np.testing.assert_allclose(xs[ok], xd[ok], rtol=1e-10, atol=TOL * np.abs(xd[ok]).max())
+    return rs, rd
+
+
+@pytest.mark.parametrize("name", ["bratu", "grid", "arrow"])
+@pytest.mark.parametrize("method", ["newton", "trust-region"])
+def test_pattern_path_agrees_with_dense(name, method, request):
+    sparse, dense = request.getfixturevalue(name + "_pair")
+    P = _params(name, 5, np.random.default_rng(len(name)))
+    rs, rd = _agree(sparse, dense, P, method=method)
+    e = sparse.system.derivation.elimination
+    # factors stored as the filled pattern, not (n, n)
+    assert rs.lu.shape == (5, 1, e.fill_nnz) and e.fill_nnz < sparse.kernels.n ** 2 // 2
+    assert not rs.dense_fallback.any()
+
+
+def test_orders_chosen_at_compile_time(bratu_pair, grid_pair, arrow_pair):
+    assert bratu_pair[0].kernels.module.ELIMINATION_ORDER == "natural"  # tridiagonal: no fill either way
+    for pair in (grid_pair, arrow_pair):
+        d = pair[0].system.derivation
+        e = d.elimination
+        assert e.order == "rcm" and pair[0].kernels.module.ELIMINATION_ORDER == "rcm"
+        natural = symbolic_elimination(*d.pattern_csr(), d.n)
+        assert e.fill_nnz < natural.fill_nnz and e.updates < natural.updates
+    # the arrow: the natural order fills all of L+U, reverse Cuthill-McKee (hub last) nothing
+    d = arrow_pair[0].system.derivation
+    n = ARROW_N
+    assert d.natural_elimination.fill_nnz == n * n
+    assert d.elimination.fill_nnz == d.elimination.nnz == 3 * n - 2
+    assert 0 in d.elimination.perm[-2:]  # the hub is eliminated (nearly) last
+
+
+def test_statuses_agree_mixed_batch(bratu_pair):
+    # good samples, one beyond the fold (no solution), a NaN parameter; then every converged
+    # sample judged singular by the condition test (singular_tol above 1 / cond ~ 1e-3)
+    sparse, dense = bratu_pair
+    P = np.array([[1.0, 0.0], [10.0, 0.0], [2.0, 0.3], [np.nan, 0.0], [3.0, -0.2]])
+    rs, rd = _agree(sparse, dense, P)
+    assert list(rs.status[[0, 2, 4]]) == [0, 0, 0] and rs.status[1] != 0
+    assert rs.status[3] == ic.Status.NONFINITE
+    o = _opts(singular_tol=1e-2)
+    Y0 = np.zeros((1, sparse.kernels.n))
+    s1 = sparse.kernels.solve(P, Y0, o).status
+    np.testing.assert_array_equal(s1, dense.kernels.solve(P, Y0, o).status)
+    assert (s1[[0, 2, 4]] == ic.Status.SINGULAR_AT_SOLUTION).all()
+
+
+def test_gradcheck_through_pattern_path(grid_pair):
+    layer = grid_pair[0]
+    p = torch.tensor([[0.7, 0.3], [1.5, -1.1]], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (p,), atol=1e-8, rtol=1e-7)
+
+
+# ---------------------------------------------------------------- the dense fallback
+N_FB = 16
+
+
+def zero_pivot(suffix):
+    # dF0/dy0 = 2 a y0: zero at y0 = 0, so the fixed-order elimination rejects its first pivot
+    y = sp.symbols(f"y0:{N_FB}")
+    a, c = sp.symbols("a c")
+    F = [a * y[0] ** 2 + y[1] - 1]
+    F += [y[i - 1] + 3 * y[i] + y[i + 1] - a - c * sp.Rational(i, N_FB) for i in range(1, N_FB - 1)]
+    F.append(y[N_FB - 2] + 3 * y[N_FB - 1] - a)
+    return ic.ResidualSystem(F, unknowns=list(y), params=[a, c], name="pattern_zero_pivot" + suffix)
+
+
+@pytest.fixture(scope="module")
+def zero_pivot_pair():
+    return _compile_pair(zero_pivot)
+
+
+@pytest.mark.parametrize("method", ["newton", "trust-region"])
+def test_zero_pivot_falls_back_to_dense_and_is_reported(zero_pivot_pair, method):
+    sparse, dense = zero_pivot_pair
+    k = sparse.kernels
+    P = np.array([[1.0, 0.5], [1.2, -0.3], [0.8, 0.0]])
+    Y0 = np.ones((3, N_FB))
+    Y0[1] = 0.0  # sample 1 starts where the first pivot is zero
+    o = _opts(method=method)
+    rs = k.solve(P, Y0, o)
+    rd = dense.kernels.solve(P, Y0, o)
+    np.testing.assert_array_equal(rs.dense_fallback, [False, True, False])
+    assert "1 sample(s) solved with dense LU" in rs.summary() and "sample 1" in rs.summary()
+    np.testing.assert_array_equal(rs.status, [0, 0, 0])
+    np.testing.assert_array_equal(rd.status, [0, 0, 0])
+    np.testing.assert_allclose(rs.y, rd.y, rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(k.residual(rs.y, P), 0.0, atol=1e-12)
+    Ybar = np.random.default_rng(0).standard_normal((3, N_FB))
+    need = np.ones(2, dtype=bool)
+    gd = np.array(dense.kernels.vjp(rd, Ybar, need))
+    np.testing.assert_allclose(k.vjp(rs, Ybar, need), gd, rtol=1e-10, atol=1e-13)
+    # a kernel handed the pattern storage of a fallback sample has no factors to use: NaN, not garbage
+    X = Ybar.copy()
+    k.module.solve_batch(rs.lu, rs.piv, rs.status, X, False, k.tab)
+    assert np.isnan(X[1]).all() and np.isfinite(X[[0, 2]]).all()
+    # the dense factors are recomputed when the result comes back without them (torch's saved tensors)
+    del rs.dense_factors
+    np.testing.assert_allclose(k.vjp(rs, Ybar, need), gd, rtol=1e-10, atol=1e-13)
+    for transpose in (False, True):
+        np.testing.assert_allclose(k.solve_linear(rs, Ybar, transpose), dense.kernels.solve_linear(rd, Ybar, transpose),
+                                   rtol=1e-10, atol=1e-13)
+    if method != "newton":
+        return
+    # the gradient through torch, against central differences of the solution
+    p = torch.tensor([[1.2, -0.3]], dtype=torch.float64, requires_grad=True)
+    y0 = torch.zeros(N_FB, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda p: sparse(p, y0=y0), (p,), atol=1e-8, rtol=1e-7)
+
+
+# ---------------------------------------------------------------- compile-time analysis at scale
+
+
+def test_pattern_analysis_is_linear_in_the_pattern():
+    # 10^5 unknowns: a dense boolean n x n would need 10 GB; index lists need a few MB
+    n = 100_000
+    i = np.arange(n)
+    ij = np.concatenate([np.stack([i, i], 1), np.stack([i[1:], i[:-1]], 1), np.stack([i[:-1], i[1:]], 1)])
+    kind, e = choose_factorization((*csr_pattern(ij, n), n))
+    assert kind == "sparse" and e.order == "natural"
+    assert e.fill_nnz == 3 * n - 2 and e.updates == n - 1
+    ptr, upd = e.update_targets()
+    assert upd.size == n - 1
+    lptr, lpos = e.lower_columns()
+    assert lpos.size == n - 1 and (e.indices[lpos] == np.arange(n - 1)).all()
