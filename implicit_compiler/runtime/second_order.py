@@ -22,6 +22,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -127,6 +128,17 @@ class SecondOrder:
         if B >= 16:
             k._cost[key] = (time.perf_counter() - t0) / B
 
+    def _fallback(self, res):
+        """``(samples, their result with dense factors)`` for the samples of a pattern-storage
+        result that were solved with dense LU (``res.dense_fallback``), or None: the pattern
+        storage holds no factors for them (its solve kernels return NaN there), so the products
+        that solve with J are computed for them again from their dense factors."""
+        fb = self.kernels._fallback_factors(res)
+        if fb is None:
+            return None
+        idx, LU2, PIV2 = fb
+        return idx, SimpleNamespace(y=res.y[idx], p=res.p[idx], lu=LU2, piv=PIV2, status=res.status[idx])
+
     def jvp(self, res, W, parallel_threshold: int = 32) -> np.ndarray:
         """``ẏ = -J⁻¹ F_θ W[b]`` per converged sample, ``(B, n)``; zero elsewhere."""
         B = res.y.shape[0]
@@ -134,6 +146,10 @@ class SecondOrder:
         Y, P, LU, PIV, STATUS = self._result(res)
         Ydot = np.empty((B, self.n))
         self._run("jvp", B, (Y, P, LU, PIV, STATUS, W, Ydot), parallel_threshold)
+        fb = self._fallback(res)
+        if fb is not None:
+            idx, sub = fb
+            Ydot[idx] = self.jvp(sub, W[idx], parallel_threshold)
         return Ydot
 
     def hvp(self, res, V, Ydot, W, parallel_threshold: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -166,6 +182,10 @@ class SecondOrder:
         dYbar = np.empty((B, self.n))
         dP = np.empty((B, self.m))
         self._run("double_backward", B, (*self._result(res), Ybar, W, self._need, dYbar, dP), parallel_threshold)
+        fb = self._fallback(res)
+        if fb is not None:
+            idx, sub = fb
+            dYbar[idx], dP[idx] = self.double_backward(sub, Ybar[idx], W[idx], parallel_threshold)
         return dYbar, dP
 
 
@@ -175,8 +195,6 @@ def _warm(so: SecondOrder) -> None:
     per-system wrappers compile on their first call (both their serial and threaded branches).
     One sample with the identity as its factored Jacobian; arithmetic faults at the zero point
     are harmless (NumPy error model)."""
-    from types import SimpleNamespace
-
     n, m = so.n, so.m
     piv = np.arange(n + 1, dtype=np.int64)
     piv[n] = 1  # the dense factors (see the first-order module's factor_dense)

@@ -214,6 +214,14 @@ def test_zero_pivot_falls_back_to_dense_and_is_reported(zero_pivot_pair, method)
     for transpose in (False, True):
         np.testing.assert_allclose(k.solve_linear(rs, Ybar, transpose), dense.kernels.solve_linear(rd, Ybar, transpose),
                                    rtol=1e-10, atol=1e-13)
+    # forward mode and the double backward solve with J too: the fallback sample's come from its
+    # dense factors (the pattern storage has none), and equal the dense compilation's
+    W = np.random.default_rng(1).standard_normal((3, 2))
+    so_s, so_d = k.second_order(), dense.kernels.second_order()
+    np.testing.assert_allclose(so_s.jvp(rs, W), so_d.jvp(rd, W), rtol=1e-10, atol=1e-13)
+    for a, b in zip(so_s.double_backward(rs, Ybar, W), so_d.double_backward(rd, Ybar, W)):
+        assert np.isfinite(a).all()
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
     if method != "newton":
         return
     # the gradient through torch, against central differences of the solution
