@@ -80,22 +80,25 @@ class FamilyLoop:
     those are the locals ``i``, ``s0``, ``s1``, ..., and ``smap`` prints the template's slot
     symbols as ``y[s0]``, ``p[s1]``, ... ."""
 
-    def __init__(self, fd, tables: Tables, index: int):
+    def __init__(self, fd, tables: Tables, index: int, label: str = "residuals", name: str = "F"):
         f = fd.family
         self.fd = fd
         self.index = index
+        self.label, self.name = label, name
         self.rows = f.size
         self.width = 1 + len(f.slots)
         rows = np.concatenate([np.asarray(f.members, dtype=np.int64)[:, None], f.table], axis=1)
         cols = ", ".join(f"s{k}" for k in range(len(f.slots)))
-        self.offset, _ = tables.add(f"family {index}: {f.size} residuals, rows (i, {cols})", rows)
+        self.offset, _ = tables.add(f"family {index}: {f.size} {label}, rows (i, {cols})", rows)
         self.smap = {s: (f"y[s{k}]" if kind == "unknown" else f"p[s{k}]")
                      for k, (s, kind) in enumerate(zip(f.slots, f.slot_kinds))}
 
-    def head(self, indent: str = INDENT) -> list[str]:
+    def head(self, indent: str = INDENT, comment=None) -> list[str]:
+        """The loop's first lines; ``comment`` replaces ``F[i] = template`` in the heading comment."""
         f = self.fd.family
         i1 = indent + INDENT
-        out = [f"{indent}# family {self.index}: {self.rows} residuals F[i] = {self.fd.residual}",
+        shown = f"{self.name}[i] = {self.fd.residual}" if comment is None else comment
+        out = [f"{indent}# family {self.index}: {self.rows} {self.label} {shown}",
                f"{indent}for r in range({self.rows}):",
                f"{i1}k = {self.offset} + {self.width} * r",
                f"{i1}i = tab[k]"]
@@ -724,10 +727,14 @@ def vjp_batch_parallel(Y, P, LU, PIV, STATUS, YBAR, need, PBAR, tab):
 
 
 def emit_module(derivation, layout: dict, key: str, options: dict | None = None,
-                tables: Tables | None = None) -> tuple[str, Tables, tuple]:
+                tables: Tables | None = None, root_finding: bool = True) -> tuple[str, Tables, tuple]:
     """The source of the generated module without its tables section, its tables (to which a
     caller may add before printing them with :meth:`Tables.source`), and the kernels the module
-    binds to runtime kernels (``_fn_<name>`` defined, no function ``<name>``)."""
+    binds to runtime kernels (``_fn_<name>`` defined, no function ``<name>``).
+
+    ``root_finding=False`` (an optimization problem's KKT system, whose forward pass is the
+    interior point): no ``residual_scale`` and no Newton / trust-region / fixed-point drivers,
+    which only a root-finding forward pass calls (one eager compile fewer)."""
     opts = {"pivot_threshold": 0.1, **(options or {})}
     d = derivation
     tables = tables if tables is not None else Tables()
@@ -741,7 +748,7 @@ def emit_module(derivation, layout: dict, key: str, options: dict | None = None,
     sections = [
         _kernel_residual(d, smap, tables),
         _kernel_residual_jacobian(d, smap, tables),
-        _kernel_residual_scale(d, smap, tables),
+        _kernel_residual_scale(d, smap, tables) if root_finding else [],
         _kernel_vjp_params(d, smap, layout["param_groups"], tables),
     ]
     sections = [factor, _kernels_factor_wrappers(d.factorization, d.n)] + sections
@@ -752,9 +759,9 @@ def emit_module(derivation, layout: dict, key: str, options: dict | None = None,
         # Small dense systems: Newton and the VJP with the per-sample state in scalars.
         out.append("\n".join(_kernels_scalar(d, layout["param_groups"])) + "\n")
         out.append(_SCALAR_PARALLEL)
-        kinds = ["fixed_point", "trust_region"]
+        kinds = ["fixed_point", "trust_region"] if root_finding else []
     else:
-        kinds = ["newton", "vjp", "fixed_point", "trust_region"]
+        kinds = ["newton", "vjp", "fixed_point", "trust_region"] if root_finding else ["vjp"]
     kinds.append("solve_batch")
     out.append("\n".join(driver_bindings(DRIVERS, kinds, bound=bound)).rstrip() + "\n")
     out.append(_RESIDUAL_BATCH)
