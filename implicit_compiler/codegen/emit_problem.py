@@ -19,7 +19,7 @@ import sympy as sp
 from ..derive import jacobians
 from ..derive.engine import gradient
 from ..derive.families import find_families
-from .emit import INDENT, FamilyLoop, _loops, cse_lines, driver_bindings, emit_module
+from .emit import INDENT, FamilyLoop, _loops, cse_lines, driver_bindings, emit_module, expr_text
 from .printer import NumbaPrinter
 
 
@@ -194,7 +194,7 @@ def _sum_lines(expr, target, slots, pmap, tables, index, indent, depth=0):
         lp = FamilyLoop(_Rows(f), tables, index + used, label="terms", name=target)
         used += 1
         lines, outs = cse_lines([f.template], lp.smap, indent=indent + INDENT, prefix=f"o{depth}_")
-        out += lp.head(indent, comment=f"{target} += {f.template}") + lines
+        out += lp.head(indent, comment=f"{target} += {expr_text(f.template)}") + lines
         out += [f"{indent + INDENT}{target} += {outs[0]}"]
     if coeff != 1:
         out.append(f"{indent}{target} = {NumbaPrinter({}).doprint(coeff)} * {target}")
@@ -228,7 +228,7 @@ def _family_sections(problem, d, tables) -> list[list[str]] | None:
     for lp in stat_loops:
         e = lp.fd.residual.xreplace(zero)
         lines, outs = cse_lines([e], lp.smap, indent=INDENT * 2)
-        body += lp.head(comment=f"gradf[i] = {e}") + lines + [f"{INDENT * 2}gradf[i] = {outs[0]}"]
+        body += lp.head(comment=f"gradf[i] = {expr_text(e)}") + lines + [f"{INDENT * 2}gradf[i] = {outs[0]}"]
     index += _constraint_block(list(problem.equalities), "h", "Jh", q, n, slots, pmap, tables, index, body)
     index += _constraint_block(list(problem.inequalities), "g", "Jg", r, n, slots, pmap, tables, index, body)
     ev = [_decorator("IP_EVAL"), "def ip_eval(y, p, gradf, h, Jh, g, Jg, tab):", *(body or [f"{INDENT}pass"])]
@@ -255,7 +255,7 @@ def _family_sections(problem, d, tables) -> list[list[str]] | None:
                 smap[s] = f"lam[s{k} - {n}]" if g == "lam" else f"nu[s{k} - {n + q}]"
         ds = [(k, e) for k, e in lp.fd.d_unknowns if f.slot_groups[k] not in ("lam", "nu")]
         lines, outs = cse_lines([e for _, e in ds], smap, indent=INDENT * 2)
-        hb += lp.head(comment=f"H[i, :] = d/dy {lp.fd.residual}") + lines
+        hb += lp.head(comment=f"H[i, :] = d/dy of {lp.text}") + lines
         hb += [f"{INDENT * 2}H[i, s{k}] = {o}" for (k, _), o in zip(ds, outs)]
     hs = [_decorator("IP_HESS"), "def ip_hess(y, lam, nu, p, H, tab):", *(hb or [f"{INDENT}pass"])]
     return [ev, ob, hs]
@@ -302,12 +302,12 @@ def emit_problem_module(problem, layout: dict, key: str) -> str:
         "from implicit_compiler.runtime.signatures import IP_EVAL, IP_HESS, IP_OBJ  # noqa: E402",
         "",
         f"NV = {n}\nNQ = {q}\nNR = {r}",
-        "# objective (minimised): " + str(problem.f).replace("\n", " "),
+        "# objective (minimised): " + expr_text(problem.f, 2000).replace("\n", " "),
     ]
     for i, e in enumerate(problem.equalities):
-        extra.append(f"#   h[{i}] = {e} = 0")
+        extra.append(f"#   h[{i}] = {expr_text(e, 2000)} = 0")
     for i, e in enumerate(problem.inequalities):
-        extra.append(f"#   g[{i}] = {e} <= 0")
+        extra.append(f"#   g[{i}] = {expr_text(e, 2000)} <= 0")
     parts = [src, "\n".join(extra) + "\n"]
     for sec in problem_sections(problem, d, tables):
         parts.append("\n".join(sec) + "\n")
