@@ -29,18 +29,29 @@ ROOT = Path(__file__).resolve().parents[2]
 N, NI = 9, 9
 
 
+NE = N  # equalities of the perturbed problem
+
+
 def optnet_qp(perturb: bool = False):
-    """The QP; ``perturb``: inequality 3 gets an extra ``y0/10`` (one coefficient changed)."""
+    """The QP; ``perturb``: inequality 3 gets an extra ``y0/10`` (one coefficient changed), and
+    ``NE`` equalities ``A_k y + y_k² / 2 = b_k`` (a family of their own, which puts ``λ_k`` into
+    the Hessian's row ``k``) are added."""
     y = sp.Matrix(sp.symbols(f"y0:{N}"))
     Q = sp.Matrix(N, N, sp.symbols(f"Q0:{N * N}"))
     q = sp.Matrix(sp.symbols(f"q0:{N}"))
     G = sp.Matrix(NI, N, sp.symbols(f"G0:{NI * N}"))
     h = sp.Matrix(sp.symbols(f"h0:{NI}"))
     ineq = list(G * y - h)
+    params = {"Q": Q, "q": q, "G": G, "h": h}
+    eq = None
     if perturb:
         ineq[3] = ineq[3] + y[0] / 10
+        A = sp.Matrix(NE, N, sp.symbols(f"A0:{NE * N}"))
+        b = sp.Matrix(sp.symbols(f"b0:{NE}"))
+        params.update(A=A, b=b)
+        eq = [e + y[k] ** 2 / 2 for k, e in enumerate(A * y - b)]
     return ic.Problem((y.T * Q * y)[0] / 2 + (q.T * y)[0], variables={"y": y},
-                      params={"Q": Q, "q": q, "G": G, "h": h}, inequalities=ineq)
+                      params=params, inequalities=ineq, equalities=eq)
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +149,10 @@ def test_perturbed_row_is_not_merged(perturbed):
     # nu3 * y0 / 10 changes stationarity row 0 only: 8 rows left in the family
     assert f"{N - 1} residuals gradf[i] =" in ev
     assert "    gradf[0] = " in ev
+    # the equalities are one family: h[i] and Jh[i, :] in a loop
+    assert f"{NE} constraints h[i] =" in ev and "Jh[i, s" in ev
+    # the Hessian loop reads the multipliers of the equalities through the table
+    assert "lam[s" in "\n".join(_kernel(src, "ip_hess"))
 
 
 def test_perturbed_kernels_match_sympy(perturbed):
@@ -146,12 +161,14 @@ def test_perturbed_kernels_match_sympy(perturbed):
     mod, tab = layer.kernels.module, layer.kernels.tab
     rng = np.random.default_rng(7)
     yv, p = rng.standard_normal(N), rng.standard_normal(len(problem.params))
-    nuv = rng.uniform(0.1, 2.0, NI)
+    nuv, lamv = rng.uniform(0.1, 2.0, NI), rng.standard_normal(NE)
     sub = dict(zip(problem.variables, yv)) | dict(zip(problem.params, p)) | dict(zip(problem.nu, nuv))
-    gradf, hh, Jh, g, Jg = np.zeros(N), np.zeros(0), np.zeros((0, N)), np.zeros(NI), np.full((NI, N), np.nan)
+    sub |= dict(zip(problem.lam, lamv))
+    gradf, g, Jg = np.zeros(N), np.zeros(NI), np.full((NI, N), np.nan)
+    hh, Jh = np.zeros(NE), np.full((NE, N), np.nan)
     mod.ip_eval(yv, p, gradf, hh, Jh, g, Jg, tab)
     H = np.full((N, N), np.nan)
-    mod.ip_hess(yv, np.zeros(0), nuv, p, H, tab)
+    mod.ip_hess(yv, lamv, nuv, p, H, tab)
     f = mod.ip_obj(yv, p, tab)
 
     def num(e):
@@ -162,6 +179,9 @@ def test_perturbed_kernels_match_sympy(perturbed):
     np.testing.assert_allclose(g, [num(c) for c in problem.inequalities], rtol=1e-13, atol=1e-13)
     Jg_ref = [[num(sp.diff(c, s)) for s in y] for c in problem.inequalities]
     np.testing.assert_allclose(Jg, Jg_ref, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(hh, [num(c) for c in problem.equalities], rtol=1e-13, atol=1e-13)
+    Jh_ref = [[num(sp.diff(c, s)) for s in y] for c in problem.equalities]
+    np.testing.assert_allclose(Jh, Jh_ref, rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(H, np.array(problem.hessian.xreplace(sub), dtype=float), rtol=1e-13, atol=1e-13)
     assert f == pytest.approx(num(problem.f), rel=1e-13, abs=1e-13)
 
