@@ -223,7 +223,7 @@ def _family_sections(problem, d, tables) -> list[list[str]] | None:
     body = []
     rows = [i for i in (d.single_rows if d.families else range(d.n)) if i < n]
     grad = [d.residuals[i].xreplace(zero) for i in rows]
-    lines, outs = cse_lines(grad, pmap, prefix="gt")
+    lines, outs = cse_lines(grad, pmap, prefix="dt")
     body += lines + [f"{INDENT}gradf[{i}] = {o}" for i, o in zip(rows, outs)]
     for lp in stat_loops:
         e = lp.fd.residual.xreplace(zero)
