@@ -76,6 +76,23 @@ def cse_lines(exprs, base_map: dict, indent: str = INDENT, prefix: str = "t"):
     return lines, [pr.doprint(e) for e in reduced]
 
 
+def expr_text(e, limit: int | None = None) -> str:
+    """``str(e)`` for comments; a long sum in its stored term order (``str`` sorts the terms,
+    quadratic in practice: seconds for a 10⁴-term objective), cut after ``limit`` characters."""
+    terms = sp.Add.make_args(e) if isinstance(e, sp.Add) else ()
+    if len(terms) <= 32:
+        text = str(e)
+        return text if limit is None or len(text) <= limit else text[:limit] + " ..."
+    out, size = [], 0
+    for k, t in enumerate(terms):
+        piece = sp.sstr(t, order="none")
+        out.append(piece)
+        size += len(piece) + 3
+        if limit is not None and size > limit:
+            return " + ".join(out) + f" + ... ({len(terms) - k - 1} more terms)"
+    return " + ".join(out)
+
+
 class FamilyLoop:
     """How one family is printed: a loop over the rows of its table in ``tab``.
 
@@ -84,22 +101,26 @@ class FamilyLoop:
     those are the locals ``i``, ``s0``, ``s1``, ..., and ``smap`` prints the template's slot
     symbols as ``y[s0]``, ``p[s1]``, ... ."""
 
-    def __init__(self, fd, tables: Tables, index: int):
+    def __init__(self, fd, tables: Tables, index: int, label: str = "residuals", name: str = "F"):
         f = fd.family
         self.fd = fd
         self.index = index
+        self.label, self.name = label, name
         self.rows = f.size
         self.width = 1 + len(f.slots)
         rows = np.concatenate([np.asarray(f.members, dtype=np.int64)[:, None], f.table], axis=1)
         cols = ", ".join(f"s{k}" for k in range(len(f.slots)))
-        self.offset, _ = tables.add(f"family {index}: {f.size} residuals, rows (i, {cols})", rows)
+        self.offset, _ = tables.add(f"family {index}: {f.size} {label}, rows (i, {cols})", rows)
         self.smap = {s: (f"y[s{k}]" if kind == "unknown" else f"p[s{k}]")
                      for k, (s, kind) in enumerate(zip(f.slots, f.slot_kinds))}
+        self.text = expr_text(fd.residual)
 
-    def head(self, indent: str = INDENT) -> list[str]:
+    def head(self, indent: str = INDENT, comment=None) -> list[str]:
+        """The loop's first lines; ``comment`` replaces ``F[i] = template`` in the heading comment."""
         f = self.fd.family
         i1 = indent + INDENT
-        out = [f"{indent}# family {self.index}: {self.rows} residuals F[i] = {self.fd.residual}",
+        shown = f"{self.name}[i] = {self.text}" if comment is None else comment
+        out = [f"{indent}# family {self.index}: {self.rows} {self.label} {shown}",
                f"{indent}for r in range({self.rows}):",
                f"{i1}k = {self.offset} + {self.width} * r",
                f"{i1}i = tab[k]"]
@@ -268,10 +289,14 @@ def _kernel_vjp_params(d, smap, param_groups, tables=None):
             dp = lp.fd.d_params
             lines, outs = cse_lines([e for _, e in dp], lp.smap, indent=INDENT * 2)
             body += lp.head() + lines
+            # one branch per parameter group (not per entry: a 250-slot row would hold 250 branches)
+            by_g: dict[int, list[str]] = {}
             for (k, _), o in zip(dp, outs):
                 g = names.index(f.slot_groups[k]) if f.slot_groups[k] in names else \
                     next(g for g, (a, b) in enumerate(offsets) if a <= f.table[0, k] < b)
-                body += [f"{INDENT * 2}if need[{g}]:", f"{INDENT * 3}out[s{k}] -= v[i] * ({o})"]
+                by_g.setdefault(g, []).append(f"{INDENT * 3}out[s{k}] -= v[i] * ({o})")
+            for g in sorted(by_g):
+                body += [f"{INDENT * 2}if need[{g}]:", *by_g[g]]
     if not body:
         body = [f"{INDENT}pass"]
     return [_decorator("VJP_PARAMS"), "def vjp_params(y, p, v, need, out, tab):", *body]
@@ -770,24 +795,28 @@ def check_printable(d, smap: dict) -> None:
     rows = d.single_rows if d.families else range(d.n)
     jac_y = d.jac_y_single if d.families else d.jac_y
     jac_p = d.jac_p_single if d.families else d.jac_p
-    items = [(f"residual {i} ({d.residuals[i]})", d.residuals[i], smap) for i in rows]
-    items += [(f"the derivative of residual {i} with respect to {d.unknowns[j]} ({e})", e, smap) for i, j, e in jac_y]
-    items += [(f"the derivative of residual {i} with respect to {d.params[j]} ({e})", e, smap) for i, j, e in jac_p]
+    # (the messages are formatted only on failure: printing a 250-term row costs ~0.1 s)
+    items = [(lambda i=i: f"residual {i} ({d.residuals[i]})", d.residuals[i], smap) for i in rows]
+    items += [(lambda i=i, j=j, e=e: f"the derivative of residual {i} with respect to {d.unknowns[j]} ({e})", e, smap)
+              for i, j, e in jac_y]
+    items += [(lambda i=i, j=j, e=e: f"the derivative of residual {i} with respect to {d.params[j]} ({e})", e, smap)
+              for i, j, e in jac_p]
     for fd in d.families:
         f = fd.family
         first = f.members[0]
         slot_map_ = {s: "y[0]" for s in f.slots}
-        items.append((f"residual {first} ({d.residuals[first]})", fd.residual, slot_map_))
-        items += [(f"the derivative of residual {first} with respect to {f.slots[k]} ({e})", e, slot_map_)
+        items.append((lambda first=first: f"residual {first} ({d.residuals[first]})", fd.residual, slot_map_))
+        items += [(lambda s=f.slots[k], e=e, first=first: f"the derivative of residual {first} with respect to "
+                   f"{s} ({e})", e, slot_map_)
                   for k, e in fd.d_unknowns + fd.d_params]
     for where, e, names in items:
         try:
             NumbaPrinter(names).doprint(e)
         except SystemDefinitionError as exc:
-            raise SystemDefinitionError(f"{where}: {exc}") from None
+            raise SystemDefinitionError(f"{where()}: {exc}") from None
         except (NotImplementedError, TypeError, ValueError) as exc:  # SymPy's printer errors
             raise SystemDefinitionError(
-                f"{where}: cannot generate Numba code for it ({type(exc).__name__}: {exc}); rewrite it "
+                f"{where()}: cannot generate Numba code for it ({type(exc).__name__}: {exc}); rewrite it "
                 f"with elementary functions"
             ) from None
 
@@ -812,10 +841,14 @@ def vjp_batch_parallel(Y, P, LU, PIV, STATUS, YBAR, need, PBAR, tab):
 
 
 def emit_module(derivation, layout: dict, key: str, options: dict | None = None,
-                tables: Tables | None = None) -> tuple[str, Tables, tuple]:
+                tables: Tables | None = None, root_finding: bool = True) -> tuple[str, Tables, tuple]:
     """The source of the generated module without its tables section, its tables (to which a
     caller may add before printing them with :meth:`Tables.source`), and the kernels the module
-    binds to runtime kernels (``_fn_<name>`` defined, no function ``<name>``)."""
+    binds to runtime kernels (``_fn_<name>`` defined, no function ``<name>``).
+
+    ``root_finding=False`` (an optimization problem's KKT system, whose forward pass is the
+    interior point): no ``residual_scale`` and no Newton / trust-region / fixed-point drivers,
+    which only a root-finding forward pass calls."""
     opts = {"pivot_threshold": 0.1, "pattern_storage": False, **(options or {})}
     d = derivation
     tables = tables if tables is not None else Tables()
@@ -834,7 +867,7 @@ def emit_module(derivation, layout: dict, key: str, options: dict | None = None,
     sections = [
         _kernel_residual(d, smap, tables),
         _kernel_residual_jacobian(d, smap, tables, pattern),
-        _kernel_residual_scale(d, smap, tables),
+        _kernel_residual_scale(d, smap, tables) if root_finding else [],
         _kernel_vjp_params(d, smap, layout["param_groups"], tables),
     ]
     sections = [factor, [] if pattern else _kernels_factor_wrappers(d.factorization, d.n)] + sections
@@ -845,9 +878,9 @@ def emit_module(derivation, layout: dict, key: str, options: dict | None = None,
         # Small dense systems: Newton and the VJP with the per-sample state in scalars.
         out.append("\n".join(_kernels_scalar(d, layout["param_groups"])) + "\n")
         out.append(_SCALAR_PARALLEL)
-        kinds = ["fixed_point", "trust_region"]
+        kinds = ["fixed_point", "trust_region"] if root_finding else []
     else:
-        kinds = ["newton", "vjp", "fixed_point", "trust_region"]
+        kinds = ["newton", "vjp", "fixed_point", "trust_region"] if root_finding else ["vjp"]
     kinds.append("solve_batch")
     out.append("\n".join(driver_bindings(DRIVERS, kinds, bound=bound)).rstrip() + "\n")
     out.append(_RESIDUAL_BATCH)

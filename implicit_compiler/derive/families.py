@@ -10,7 +10,8 @@ A *family* is such a set of expressions written once, as
   (in ``y`` or ``θ``) of the symbol that takes the slot's place in that member.
 
 Two expressions are put in one family only when a renaming exists that maps one onto the
-other **exactly** (checked with ``xreplace`` and structural equality, not sampled), and the
+other **exactly** (the template with its symbols renamed is compared with the member
+node by node, arguments of ``Add`` and ``Mul`` as multisets; not sampled), and the
 renaming keeps every symbol inside its own group (an unknown never stands in for a
 parameter, ``Q[i, j]`` never for ``q[i]``). Numbers are part of the shape: a member with
 one coefficient changed is not merged.
@@ -105,12 +106,15 @@ class _Shapes:
 
     def __init__(self, slots: dict):
         self.slots = slots
+        # keyed by id: a dict keyed by the expression compares equal-hash nodes structurally;
+        # the value keeps the node alive, so its id is not reused while the memo lives
         self.memo: dict = {}
+        self.index: dict = {}
 
     def of(self, e) -> str:
-        got = self.memo.get(e)
+        got = self.memo.get(id(e))
         if got is not None:
-            return got
+            return got[1]
         if isinstance(e, sp.Symbol):
             info = self.slots.get(e)
             # A symbol outside every group (a free constant) keeps its own name: never renamed.
@@ -122,16 +126,23 @@ class _Shapes:
             if isinstance(e, (sp.Add, sp.Mul)):
                 kids.sort()
             d = _digest((type(e).__name__, *kids))
-        self.memo[e] = d
+        self.memo[id(e)] = (e, d)
         return d
 
+    def symbols_of(self, e) -> frozenset:
+        """The symbols of ``e`` in any group (memoised like :meth:`of`)."""
+        got = self.index.get(id(e))
+        if got is None:
+            got = self.index[id(e)] = (e, frozenset(s for s in e.free_symbols if s in self.slots))
+        return got[1]
 
-def _align(t, m, shapes: _Shapes, ren: dict, used: set, trail: list) -> bool:
+
+def _align(t, m, shapes: _Shapes, ren: dict, used: dict, trail: list) -> bool:
     """Extend the renaming ``ren`` (member symbol -> template symbol) so that ``m`` maps to ``t``.
 
-    ``used`` holds the template symbols already taken (the renaming is one to one); every
-    member symbol added to ``ren`` is appended to ``trail``, so a caller can undo a failed
-    attempt with :func:`_undo`."""
+    ``used`` is the inverse of ``ren`` (template symbol -> member symbol; the renaming is one
+    to one); every member symbol added to ``ren`` is appended to ``trail``, so a caller can
+    undo a failed attempt with :func:`_undo`."""
     if isinstance(t, sp.Symbol) or isinstance(m, sp.Symbol):
         if not (isinstance(t, sp.Symbol) and isinstance(m, sp.Symbol)):
             return False
@@ -140,12 +151,12 @@ def _align(t, m, shapes: _Shapes, ren: dict, used: set, trail: list) -> bool:
             return m == t
         prev = ren.get(m)
         if prev is not None:
-            return prev == t
+            return prev is t or prev == t
         minfo = shapes.slots.get(m)
         if t in used or minfo is None or minfo[:2] != info[:2]:
             return False
         ren[m] = t
-        used.add(t)
+        used[t] = m
         trail.append(m)
         return True
     if type(t) is not type(m) or len(t.args) != len(m.args):
@@ -154,20 +165,37 @@ def _align(t, m, shapes: _Shapes, ren: dict, used: set, trail: list) -> bool:
         return t == m
     if not isinstance(t, (sp.Add, sp.Mul)):
         return all(_align(a, b, shapes, ren, used, trail) for a, b in zip(t.args, m.args))
-    # Commutative: pair arguments with equal digests, greedily, trying the member's
-    # arguments in order for each template argument (undoing a failed try); the exact
-    # check the caller makes afterwards is what decides membership.
+    # Commutative: pair arguments with equal digests, greedily (undoing a failed try); the
+    # exact check the caller makes afterwards is what decides membership. When the template
+    # argument holds a symbol already renamed, only member arguments holding that symbol's
+    # preimage can pair with it: those are tried alone (looked up in an index, so a sum of
+    # k like-shaped terms is paired in O(k), not O(k^2) attempts).
     free: dict[str, list] = {}
     for b in m.args:
         free.setdefault(shapes.of(b), []).append(b)
+    taken: set[int] = set()  # ids of the member arguments already paired
+    by_symbol: dict[str, dict] = {}
     for a in t.args:
-        cands = free.get(shapes.of(a))
+        key = shapes.of(a)
+        cands = free.get(key)
         if not cands:
             return False
-        for idx, b in enumerate(cands):
+        if len(cands) > 4:
+            bound = next((used[s] for s in shapes.symbols_of(a) if s in used), None)
+            if bound is not None:
+                index = by_symbol.get(key)
+                if index is None:
+                    index = by_symbol[key] = {}
+                    for b in cands:
+                        for s in shapes.symbols_of(b):
+                            index.setdefault(s, []).append(b)
+                cands = index.get(bound, ())
+        for b in cands:
+            if id(b) in taken:
+                continue
             mark = len(trail)
             if _align(a, b, shapes, ren, used, trail):
-                del cands[idx]
+                taken.add(id(b))
                 break
             _undo(ren, used, trail, mark)
         else:
@@ -175,9 +203,62 @@ def _align(t, m, shapes: _Shapes, ren: dict, used: set, trail: list) -> bool:
     return True
 
 
-def _undo(ren: dict, used: set, trail: list, mark: int) -> None:
+_ATOM_KEYS: dict = {}
+
+
+def _atom_key(e) -> str:
+    """``srepr`` of an atom, memoised for symbols and exact numbers (keyed by type and value:
+    ``Symbol('x')`` and ``Symbol('x', real=True)`` differ; floats are not memoised, since
+    floats of different precision compare equal)."""
+    if isinstance(e, (sp.Symbol, sp.Integer, sp.Rational)):
+        key = (type(e), e)
+        got = _ATOM_KEYS.get(key)
+        if got is None:
+            if len(_ATOM_KEYS) > 200_000:
+                _ATOM_KEYS.clear()
+            got = _ATOM_KEYS[key] = sp.srepr(e)
+        return got
+    return sp.srepr(e)
+
+
+def _exact_key(e, ren: dict | None, memo: dict) -> str:
+    """A string that is equal for two expressions exactly when they are the same tree (symbols
+    by identity, renamed by ``ren`` when given; arguments of ``Add``/``Mul`` in sorted order,
+    since SymPy builds those nodes from the multiset of their arguments). ``memo`` (by id,
+    only when ``ren`` is None) keeps a member's subtrees' keys."""
+    if ren is None:
+        got = memo.get(id(e))
+        if got is not None:
+            return got[1]
+    if not e.args:
+        k = _atom_key(ren.get(e, e) if ren is not None and isinstance(e, sp.Symbol) else e)
+    else:
+        kids = [_exact_key(a, ren, memo) for a in e.args]
+        if isinstance(e, (sp.Add, sp.Mul)):
+            kids.sort()
+        k = _digest((type(e).__name__, *kids))
+    if ren is None:
+        memo[id(e)] = (e, k)
+    return k
+
+
+def fingerprint(expr, memo: dict | None = None) -> str:
+    """A digest of ``expr`` that two expressions share exactly when they are the same SymPy
+    tree (atoms by ``srepr``, so symbols with their assumptions); deterministic across
+    processes. Linear in the size of the tree, where ``sp.srepr`` sorts every sum's terms
+    by SymPy's slow ordering (17 s for a 100-variable QP's KKT rows)."""
+    return _exact_key(sp.sympify(expr), None, {} if memo is None else memo)
+
+
+def _renamed_equal(template, member, inv: dict, memo: dict) -> bool:
+    """Is ``template.xreplace(inv)`` the expression ``member``? (Compared without rebuilding:
+    ``xreplace`` re-evaluates every sum and product, 60 ms for a 250-term row.)"""
+    return _exact_key(template, inv, {}) == _exact_key(member, None, memo)
+
+
+def _undo(ren: dict, used: dict, trail: list, mark: int) -> None:
     while len(trail) > mark:
-        used.discard(ren.pop(trail.pop()))
+        used.pop(ren.pop(trail.pop()), None)
 
 
 def find_families(exprs, slots: dict, min_size: int = 2) -> tuple[list[Family], list[int]]:
@@ -189,6 +270,7 @@ def find_families(exprs, slots: dict, min_size: int = 2) -> tuple[list[Family], 
     """
     exprs = [sp.sympify(e) for e in exprs]
     shapes = _Shapes(slots)
+    exact: dict = {}
     # per digest: list of [template expr, its slot symbols, members, rows]
     by_digest: dict[str, list] = {}
     order: list[tuple[str, int]] = []
@@ -198,12 +280,12 @@ def find_families(exprs, slots: dict, min_size: int = 2) -> tuple[list[Family], 
         placed = False
         for fam in fams:
             ren: dict = {}
-            if not _align(fam[0], e, shapes, ren, set(), []):
+            if not _align(fam[0], e, shapes, ren, {}, []):
                 continue
             if len(ren) != len(fam[1]):
                 continue
             inv = {t: s for s, t in ren.items()}
-            if fam[0].xreplace(inv) != e:  # exact check: the template renamed IS the member
+            if not _renamed_equal(fam[0], e, inv, exact):  # the template renamed IS the member
                 continue
             fam[2].append(i)
             fam[3].append([slots[inv[s]][2] for s in fam[1]])

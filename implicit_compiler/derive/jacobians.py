@@ -14,6 +14,7 @@ import numpy as np
 import sympy as sp
 
 from ..errors import StructuralSingularityError
+from .engine import gradient
 from .families import Family, find_families, system_slots
 from .sparsity import Elimination, choose_factorization, csr_pattern, symbolic_elimination
 from .structure import maximum_matching
@@ -26,8 +27,7 @@ def sparse_jacobian(residuals, symbols) -> list[Entry]:
     out = []
     for i, r in enumerate(residuals):
         cols = sorted(pos[s] for s in r.free_symbols if s in pos)
-        for j in cols:
-            d = sp.diff(r, symbols[j])
+        for j, d in zip(cols, gradient(r, [symbols[j] for j in cols])):
             if d != 0:
                 out.append((i, j, d))
     return out
@@ -202,8 +202,7 @@ def derive(system, back=None, families: bool = True) -> Derivation:
     fds = []
     for f in fams:
         dy, dp = [], []
-        for k, (s, kind) in enumerate(zip(f.slots, f.slot_kinds)):
-            e = sp.diff(f.template, s)
+        for k, (kind, e) in enumerate(zip(f.slot_kinds, gradient(f.template, f.slots))):
             if e != 0:
                 (dy if kind == "unknown" else dp).append((k, back(e)))
         fds.append(FamilyDerivative(family=f, d_unknowns=tuple(dy), d_params=tuple(dp), residual=back(f.template)))

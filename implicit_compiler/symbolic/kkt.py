@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import sympy as sp
 
+from ..derive.engine import gradient
+
 
 class KKT(NamedTuple):
     """The KKT equations as lists of SymPy expressions (each ``= 0``)."""
@@ -34,7 +36,7 @@ def lagrangian(f, h, g, lam, nu):
 
 
 def kkt_conditions(L, y, h, g, nu) -> KKT:
-    stationarity = [sp.diff(L, yi) for yi in y]
+    stationarity = gradient(L, y)
     return KKT(stationarity, list(h), [v * e for v, e in zip(nu, g)])
 
 

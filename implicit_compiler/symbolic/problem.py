@@ -14,6 +14,7 @@ from functools import cached_property
 
 import sympy as sp
 
+from ..derive.families import fingerprint
 from ..errors import SystemDefinitionError
 from .groups import Group, flat_symbols, make_groups
 from .kkt import KKT, hessian_entries, kkt_conditions, lagrangian
@@ -187,11 +188,12 @@ class Problem:
 
     def content_hash(self) -> str:
         h = hashlib.sha256()
+        memo: dict = {}
         h.update(b"problem|")
         h.update(self.system.content_hash().encode())
-        h.update(sp.srepr(self.f).encode())
+        h.update(fingerprint(self.f, memo).encode())
         for e in self.equalities + self.inequalities:
-            h.update(sp.srepr(e).encode())
+            h.update(fingerprint(e, memo).encode())
         h.update(f"{len(self.equalities)}|{len(self.inequalities)}".encode())
         return h.hexdigest()
 

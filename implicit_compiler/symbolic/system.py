@@ -27,6 +27,7 @@ import sympy as sp
 from sympy.core.function import AppliedUndef
 from sympy.logic.boolalg import BooleanAtom, BooleanFunction
 
+from ..derive.families import fingerprint
 from ..derive.structure import hall_violator, maximum_matching
 from ..errors import StructuralSingularityError, SystemDefinitionError
 from .groups import Group, flat_symbols, make_groups
@@ -387,12 +388,13 @@ class ResidualSystem:
     def content_hash(self) -> str:
         """Hash of everything that determines the generated code."""
         h = hashlib.sha256()
+        memo: dict = {}
         h.update(self.kind.encode())
         for g in self.unknown_groups + self.param_groups:
             h.update(repr((g.name, g.shape)).encode())
             h.update(sp.srepr(g.symbols).encode())
         for r in self.residuals:
-            h.update(sp.srepr(r).encode())
+            h.update(fingerprint(r, memo).encode())
         h.update(repr(self.layout()).encode())  # names, initial guess, default method
         return h.hexdigest()
 
