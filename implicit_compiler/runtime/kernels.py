@@ -255,25 +255,35 @@ class Kernels:
         ``MIN_PARALLEL_SECONDS`` of work (starting Numba's threads costs tens of
         microseconds on an idle machine, much more on a loaded one). Before any
         measurement, only batches of ``UNMEASURED_PARALLEL_BATCH`` or more go threaded."""
-        cost = self._cost.get(kind)
-        if self._forced is not None:
-            threaded = self._forced
-        elif cost is None:
-            # Not measured yet: only a clearly large batch is worth the threads unmeasured.
-            threaded = B >= max(parallel_threshold, self.UNMEASURED_PARALLEL_BATCH)
-        else:
-            threaded = B >= parallel_threshold and B * cost >= self.MIN_PARALLEL_SECONDS
-        if threaded and threads.parallel_allowed():
+        if self.threaded(kind, B, parallel_threshold):
             getattr(self.module, kind + "_batch_parallel")(*args, self.tab)
             threads.note_started()
             return
         t0 = time.perf_counter()
         getattr(self.module, kind + "_range")(0, B, *args, self.tab)
+        self.measured(kind, B, t0)
+
+    def threaded(self, key: str, B: int, parallel_threshold: int) -> bool:
+        """Whether a batch of ``B`` samples of the kernel ``key`` goes to the ``prange`` driver
+        (the rule of :meth:`_run`; also used by the second-order products)."""
+        if self._forced is not None:
+            threaded = self._forced
+        else:
+            cost = self._cost.get(key)
+            if cost is None:
+                # Not measured yet: only a clearly large batch is worth the threads unmeasured.
+                threaded = B >= max(parallel_threshold, self.UNMEASURED_PARALLEL_BATCH)
+            else:
+                threaded = B >= parallel_threshold and B * cost >= self.MIN_PARALLEL_SECONDS
+        return threaded and threads.parallel_allowed()
+
+    def measured(self, key: str, B: int, t0: float) -> None:
+        """Record the cost per sample of a serial run of ``key`` that started at ``t0``."""
         if B >= 16:
             # Measured on serial runs only: a threaded run's time includes starting the
             # threads, which on a busy machine can stall for milliseconds and would
             # otherwise keep sending small batches to the threads.
-            self._cost[kind] = (time.perf_counter() - t0) / B
+            self._cost[key] = (time.perf_counter() - t0) / B
 
     def warm_up(self, run) -> None:
         """Call ``run()`` (calls of :meth:`solve`, :meth:`vjp`, ... on a tiny batch) twice:

@@ -111,22 +111,14 @@ class SecondOrder:
         (its cost measurements are kept beside the first-order ones, as ``second_<kind>``)."""
         k = self.kernels
         key = "second_" + kind
-        cost = k._cost.get(key)
-        if k._forced is not None:
-            threaded = k._forced
-        elif cost is None:
-            threaded = B >= max(parallel_threshold, k.UNMEASURED_PARALLEL_BATCH)
-        else:
-            threaded = B >= parallel_threshold and B * cost >= k.MIN_PARALLEL_SECONDS
         fn = getattr(self.drivers, kind)
-        if threaded and threads.parallel_allowed():
+        if k.threaded(key, B, parallel_threshold):
             fn(True, *args, k.tab)
             threads.note_started()
             return
         t0 = time.perf_counter()
         fn(False, *args, k.tab)
-        if B >= 16:
-            k._cost[key] = (time.perf_counter() - t0) / B
+        k.measured(key, B, t0)
 
     def _fallback(self, res):
         """``(samples, their result with dense factors)`` for the samples of a pattern-storage
