@@ -249,12 +249,12 @@ def _fold(x, d, V: int, B: int, batched: bool, core: tuple):
     return x.expand(V, B, *core).reshape(V * B, *core)
 
 
-@torch.library.register_vmap(solve_op, lib=_LIB)
-def _solve_vmap(info, in_dims, token, params, y0):
+def _solve_folded(call, V: int, pdims, ydim, token, params, y0):
+    """One solve of the ``V`` calls of a vmap level folded into the batch, by ``call``
+    (:func:`solve_op` or its implementation), with ``pdims`` / ``ydim`` the vmapped dimension of
+    each parameter / of ``y0`` (None: not vmapped): the outputs as ``(V, ...)`` tensors."""
     layer = _layer(token)
     groups = layer._param_groups
-    V = info.batch_size
-    _, pdims, ydim = in_dims
     logical = [SimpleNamespace(shape=tuple(p.shape) if d is None else tuple(p.movedim(d, 0).shape[1:]))
                for p, d in zip(params, pdims)]
     B, batched = batch_size(groups, logical, "parameter group")
@@ -269,7 +269,7 @@ def _solve_vmap(info, in_dims, token, params, y0):
         ylog = y0.dim() - (ydim is not None)
         if ydim is not None or ylog == 2:  # per-sample starts: one per sample of the folded batch
             y0 = _fold(y0, ydim, V, B, ylog == 2, (n,))
-    outs = solve_op(token, flat, y0)
+    outs = call(token, flat, y0)
     k = len(layer._unknown_groups)
     squeeze = not any(batched)
     shaped = []
@@ -278,7 +278,56 @@ def _solve_vmap(info, in_dims, token, params, y0):
             shaped.append(t.reshape(V, *t.shape[1:]))
         else:
             shaped.append(t.reshape(V, B, *t.shape[1:]))
+    return shaped
+
+
+@torch.library.register_vmap(solve_op, lib=_LIB)
+def _solve_vmap(info, in_dims, token, params, y0):
+    _, pdims, ydim = in_dims
+    shaped = _solve_folded(solve_op, info.batch_size, pdims, ydim, token, params, y0)
     return shaped, [0] * len(shaped)
+
+
+_level_of = getattr(torch._C._functorch, "maybe_get_level", None)
+_bdim_of = getattr(torch._C._functorch, "maybe_get_bdim", None)
+_add_batch_dim = getattr(torch._C._functorch, "_add_batch_dim", None)
+try:
+    from torch._functorch.pyfunctorch import temporarily_pop_interpreter_stack as _pop_interpreter
+except ImportError:  # another torch: the operator's vmap rule serves every call
+    _pop_interpreter = None
+
+
+def vmapped_solve(token: str, params: list, y0):
+    """:func:`solve_op` for a call that only ``vmap`` transforms and nothing differentiates
+    (:func:`vmap_forward_only`). Under one vmap level, the batched tensors are unwrapped here,
+    the level's calls folded into one solve by the operator's implementation and the outputs
+    wrapped at the level again: torch.func's dispatch of a custom operator's vmap rule (its
+    argument and output pytrees, about 0.3 ms per call) would cost as much as the solve of a
+    thousand small systems. Nested vmaps, or anything unusual, go through the operator's vmap rule."""
+    if None in (_level_of, _bdim_of, _add_batch_dim, _pop_interpreter):
+        return solve_op(token, list(params), y0)
+    stack = _interpreters()
+    if len(stack) != 1:
+        return solve_op(token, list(params), y0)
+    level = stack[0].level()
+    plain, dims, V = [], [], None
+    for t in (*params, y0):
+        d = None
+        if t is not None and _is_wrapped(t):
+            if _level_of(t) != level:
+                return solve_op(token, list(params), y0)
+            d = _bdim_of(t)
+            t = _unwrap(t)
+            if _is_wrapped(t) or type(t) is not torch.Tensor:
+                return solve_op(token, list(params), y0)
+            V = t.shape[d]
+        plain.append(t)
+        dims.append(d)
+    if V is None:  # nothing vmapped at this level
+        return solve_op(token, list(params), y0)
+    with _pop_interpreter():
+        shaped = _solve_folded(_solve, V, dims[:-1], dims[-1], token, plain[:-1], plain[-1])
+    return [_add_batch_dim(t, 0, level) for t in shaped]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ from .function import (
     register,
     result_names,
     result_to_tensors,
-    solve_op,
     vmap_forward_only,
+    vmapped_solve,
 )
 from .shapes import _describe, as_array, batch_size, check_finite_dtype, check_tensor, pack, to_numpy
 
@@ -331,7 +331,7 @@ class ImplicitLayer(torch.nn.Module):
         else:
             if vmap_forward_only((*tensors, y0)):
                 # nothing differentiates this call: the operator alone (its vmap rule folds the batch)
-                outs = solve_op(self._token, list(tensors), y0)
+                outs = vmapped_solve(self._token, tensors, y0)
             else:
                 fn = CompilableImplicitFunction if torch.compiler.is_compiling() else ImplicitFunction
                 outs = fn.apply(self._token, meta, y0, *tensors)

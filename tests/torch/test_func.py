@@ -311,3 +311,51 @@ def test_vmap_of_a_call_nothing_differentiates_skips_the_autograd_function(appen
     np.testing.assert_allclose(yb[0].numpy(), appendix_ref(0.9)[0], rtol=1e-10)
     with pytest.raises(ic.ConvergenceError, match="1 of 2 samples"):
         vmap(lambda t: appendix_layer(t, y0=Y0))(xb)
+
+
+def test_vmap_forward_folds_without_the_operator_rule_and_nested_vmaps_still_fold(two_layer, appendix_layer,
+                                                                                monkeypatch):
+    # one vmap level over a call nothing differentiates: the layer unwraps the level itself and
+    # calls the operator's implementation once (no torch.func dispatch of the operator's vmap rule);
+    # nested vmaps go through the rule. Both equal the batched call bit for bit, statuses included.
+    from implicit_compiler.torch import function as F
+
+    through_rule = []
+    original = F.solve_op
+    monkeypatch.setattr(F, "solve_op", lambda *a: through_rule.append(1) or original(*a))
+    calls = Calls(two_layer, monkeypatch)
+    a = torch.tensor([[1.0, 2.0, -1.5], [0.5, -3.0, 4.0]], dtype=torch.float64)  # vmapped (V = 2), B = 3
+    b = torch.tensor(0.7, dtype=torch.float64)  # shared by everything
+    c = torch.tensor([-2.0, 0.1, 30.0], dtype=torch.float64)  # batched, not vmapped
+    u, v = vmap(lambda t: two_layer(t, b, c), in_dims=1, out_dims=1)(a.T.contiguous())
+    assert through_rule == [] and calls.solves == [6]
+    ub, vb = two_layer(a.reshape(6), b, c.repeat(2))
+    torch.testing.assert_close(u.T.reshape(6), ub, rtol=0, atol=0)
+    torch.testing.assert_close(v.T.reshape(6), vb, rtol=0, atol=0)
+
+    # return_info and a vmapped initial guess through the direct path
+    xs = torch.tensor([[0.9], [0.5], [1.1]], dtype=torch.float64)  # x = 0.5: no real root
+    starts = torch.tensor([[1.0, 1.5], [1.0, 1.5], [1.0, -1.5]], dtype=torch.float64)
+    appendix_layer.configure(on_failure="nan")
+    try:
+        def solve(x, s):
+            y, info = appendix_layer(x, y0=s, return_info=True)
+            return y, info.status, info.iterations
+
+        y, status, iterations = vmap(solve)(xs, starts)
+        yb, infob = appendix_layer(xs, y0=starts, return_info=True)
+    finally:
+        appendix_layer.configure(on_failure="raise")
+    assert through_rule == []
+    torch.testing.assert_close(y, yb, rtol=0, atol=0, equal_nan=True)
+    assert status.shape == (3, 1)  # each vmapped call is one unbatched sample
+    assert status[:, 0].tolist() == infob.status.tolist() and status[1, 0] != 0
+    assert iterations[:, 0].tolist() == infob.iterations.tolist()
+    assert y[2, 1] < 0  # the start chose the negative root
+
+    # nested vmaps: the operator's rule folds both levels into one solve
+    x = torch.linspace(0.8, 1.25, 12, dtype=torch.float64).reshape(3, 4, 1)
+    solves = Calls(appendix_layer, monkeypatch).solves
+    y = vmap(vmap(lambda t: appendix_layer(t, y0=Y0)))(x)
+    assert through_rule and solves == [12]
+    torch.testing.assert_close(y, appendix_layer(x.reshape(12, 1), y0=Y0).reshape(3, 4, 2), rtol=0, atol=0)
