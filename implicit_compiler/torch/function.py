@@ -162,32 +162,6 @@ _unwrap = getattr(torch._C._functorch, "get_unwrapped", None)
 _VMAP = getattr(getattr(torch._C._functorch, "TransformType", None), "Vmap", None)
 
 
-def vmap_forward_only(tensors) -> bool:
-    """True when the only active transforms are ``torch.func.vmap`` and nothing can differentiate
-    the call: no ``torch.func`` grad or jvp transform, no forward-AD level, and no tensor (unwrapped
-    from its vmap levels) that requires grad. The layer then calls the solve operator directly, whose
-    vmap rule folds the vmapped dimensions into one solve: an ``autograd.Function`` under vmap costs
-    torch.func 1-3 ms per call in its generated vmap rule, more than the solve of a thousand samples."""
-    if _interpreters is None or _unwrap is None or _VMAP is None or torch.compiler.is_compiling():
-        return False
-    stack = _interpreters()
-    if not stack or any(i.key() != _VMAP for i in stack):
-        return False
-    from torch.autograd import forward_ad
-
-    if getattr(forward_ad, "_current_level", 0) >= 0:
-        return False
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is None:
-            continue
-        while _is_wrapped(t):
-            t = _unwrap(t)
-        if grad and t.requires_grad:
-            return False
-    return True
-
-
 # ---------------------------------------------------------------------------------------------------
 # the forward operator
 
@@ -249,11 +223,11 @@ def _fold(x, d, V: int, B: int, batched: bool, core: tuple):
     return x.expand(V, B, *core).reshape(V * B, *core)
 
 
-def _solve_folded(call, V: int, pdims, ydim, token, params, y0):
-    """One solve of the ``V`` calls of a vmap level folded into the batch, by ``call``
-    (:func:`solve_op` or its implementation), with ``pdims`` / ``ydim`` the vmapped dimension of
-    each parameter / of ``y0`` (None: not vmapped): the outputs as ``(V, ...)`` tensors."""
-    layer = _layer(token)
+def fold_inputs(layer, V: int, pdims, ydim, params, y0):
+    """The parameters and initial guess of ``V`` calls of a vmap level as one call: the vmapped
+    dimension (``pdims`` / ``ydim``: its position in each tensor, None where a tensor is not
+    vmapped) folded into the batch. Returns ``(params, y0, B, squeeze)``: ``B`` the batch of each
+    call, ``squeeze`` True when the calls are unbatched (their outputs have no batch dimension)."""
     groups = layer._param_groups
     logical = [SimpleNamespace(shape=tuple(p.shape) if d is None else tuple(p.movedim(d, 0).shape[1:]))
                for p, d in zip(params, pdims)]
@@ -269,22 +243,23 @@ def _solve_folded(call, V: int, pdims, ydim, token, params, y0):
         ylog = y0.dim() - (ydim is not None)
         if ydim is not None or ylog == 2:  # per-sample starts: one per sample of the folded batch
             y0 = _fold(y0, ydim, V, B, ylog == 2, (n,))
-    outs = call(token, flat, y0)
-    k = len(layer._unknown_groups)
-    squeeze = not any(batched)
-    shaped = []
-    for i, t in enumerate(outs):
-        if i < k and squeeze:
-            shaped.append(t.reshape(V, *t.shape[1:]))
-        else:
-            shaped.append(t.reshape(V, B, *t.shape[1:]))
-    return shaped
+    return flat, y0, B, not any(batched)
+
+
+def unfold_outputs(outs, k: int, V: int, B: int, squeeze: bool) -> list:
+    """The outputs of a folded call as ``(V, ...)``: the first ``k`` (the group outputs) without a
+    batch dimension when ``squeeze``, the others (per-sample arrays) always with one."""
+    return [t.reshape(V, *t.shape[1:]) if i < k and squeeze else t.reshape(V, B, *t.shape[1:])
+            for i, t in enumerate(outs)]
 
 
 @torch.library.register_vmap(solve_op, lib=_LIB)
 def _solve_vmap(info, in_dims, token, params, y0):
     _, pdims, ydim = in_dims
-    shaped = _solve_folded(solve_op, info.batch_size, pdims, ydim, token, params, y0)
+    layer = _layer(token)
+    V = info.batch_size
+    flat, y0, B, squeeze = fold_inputs(layer, V, pdims, ydim, params, y0)
+    shaped = unfold_outputs(solve_op(token, flat, y0), len(layer._unknown_groups), V, B, squeeze)
     return shaped, [0] * len(shaped)
 
 
@@ -292,42 +267,48 @@ _level_of = getattr(torch._C._functorch, "maybe_get_level", None)
 _bdim_of = getattr(torch._C._functorch, "maybe_get_bdim", None)
 _add_batch_dim = getattr(torch._C._functorch, "_add_batch_dim", None)
 try:
-    from torch._functorch.pyfunctorch import temporarily_pop_interpreter_stack as _pop_interpreter
-except ImportError:  # another torch: the operator's vmap rule serves every call
-    _pop_interpreter = None
+    from torch._functorch.pyfunctorch import temporarily_pop_interpreter_stack as pop_interpreter
+except ImportError:  # another torch: the autograd.Function's vmap rule serves every call
+    pop_interpreter = None
 
 
-def vmapped_solve(token: str, params: list, y0):
-    """:func:`solve_op` for a call that only ``vmap`` transforms and nothing differentiates
-    (:func:`vmap_forward_only`). Under one vmap level, the batched tensors are unwrapped here,
-    the level's calls folded into one solve by the operator's implementation and the outputs
-    wrapped at the level again: torch.func's dispatch of a custom operator's vmap rule (its
-    argument and output pytrees, about 0.3 ms per call) would cost as much as the solve of a
-    thousand small systems. Nested vmaps, or anything unusual, go through the operator's vmap rule."""
-    if None in (_level_of, _bdim_of, _add_batch_dim, _pop_interpreter):
-        return solve_op(token, list(params), y0)
+def unwrap_vmap_level(tensors):
+    """When the innermost active ``torch.func`` transform is ``vmap`` (and nothing is being
+    compiled): ``(level, V, plain, dims)``, the tensors unwrapped at that level and the position of
+    their vmapped dimension (None: not vmapped at this level); else None.
+
+    A layer called under such a level folds it into its batch itself (:func:`fold_inputs`), calls
+    itself on the folded tensors with the level popped (the transforms below it, ``grad`` or
+    ``jvp``, then see an ordinary call) and wraps its outputs at the level again
+    (:func:`batched_at`). That is what the ``autograd.Function``'s generated vmap rule would do, less
+    its cost (argument and output pytrees, about 0.3 ms per call for the operator's rule and
+    1-3 ms for the Function's) and without its limits: the generated rule of a ``jvp`` pairs
+    tangents with saved tensors in a way ``jvp(vmap(layer))`` failed on."""
+    if None in (_interpreters, _level_of, _bdim_of, _add_batch_dim, pop_interpreter, _is_wrapped, _VMAP):
+        return None
+    if torch.compiler.is_compiling():
+        return None
     stack = _interpreters()
-    if len(stack) != 1:
-        return solve_op(token, list(params), y0)
-    level = stack[0].level()
+    if not stack or stack[-1].key() != _VMAP:
+        return None
+    level = stack[-1].level()
     plain, dims, V = [], [], None
-    for t in (*params, y0):
+    for t in tensors:
         d = None
-        if t is not None and _is_wrapped(t):
-            if _level_of(t) != level:
-                return solve_op(token, list(params), y0)
+        if t is not None and _is_wrapped(t) and _level_of(t) == level:
             d = _bdim_of(t)
             t = _unwrap(t)
-            if _is_wrapped(t) or type(t) is not torch.Tensor:
-                return solve_op(token, list(params), y0)
             V = t.shape[d]
         plain.append(t)
         dims.append(d)
-    if V is None:  # nothing vmapped at this level
-        return solve_op(token, list(params), y0)
-    with _pop_interpreter():
-        shaped = _solve_folded(_solve, V, dims[:-1], dims[-1], token, plain[:-1], plain[-1])
-    return [_add_batch_dim(t, 0, level) for t in shaped]
+    if V is None:  # nothing is vmapped at this level
+        return None
+    return level, V, plain, dims
+
+
+def batched_at(t, level: int):
+    """``t`` (its first dimension the vmapped one) as a batched tensor of the vmap ``level``."""
+    return _add_batch_dim(t, 0, level)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -692,6 +673,8 @@ class CompilableImplicitFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         token, meta = inputs[0], inputs[1]
+        if isinstance(meta, _Static):  # ImplicitFunction: the meta as one pytree leaf
+            meta = meta.meta
         params = inputs[3:]
         k = len(meta[1])
         result = output[k:]
@@ -724,7 +707,10 @@ class CompilableImplicitFunction(torch.autograd.Function):
 
 
 class ImplicitFunction(CompilableImplicitFunction):
-    """:class:`CompilableImplicitFunction` with its forward-mode rule (eager mode and torch.func)."""
+    """:class:`CompilableImplicitFunction` with its forward-mode rule (eager mode and torch.func).
+    ``apply(token, static, y0, *params)`` with ``static`` a :class:`_Static` holding the
+    :func:`call_meta`: torch.func's generated vmap rule of a ``jvp`` pairs one tangent with each
+    argument, and a nested tuple would be many pytree leaves (``jvp(vmap(layer))`` failed so)."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):

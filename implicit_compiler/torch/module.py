@@ -19,13 +19,17 @@ from .function import (
     CompilableImplicitFunction,
     EagerImplicitFunction,
     ImplicitFunction,
+    _Static,
+    batched_at,
     call_meta,
     eager_call,
+    fold_inputs,
+    pop_interpreter,
     register,
     result_names,
     result_to_tensors,
-    vmap_forward_only,
-    vmapped_solve,
+    unfold_outputs,
+    unwrap_vmap_level,
 )
 from .shapes import _describe, as_array, batch_size, check_finite_dtype, check_tensor, pack, to_numpy
 
@@ -323,18 +327,19 @@ class ImplicitLayer(torch.nn.Module):
         B, _ = batch_size(groups, tensors, "parameter group")
         if y0 is not None and not isinstance(y0, torch.Tensor):
             y0 = torch.from_numpy(self._initial(y0, B))  # a dict by group, an array or a list
+        top = unwrap_vmap_level((*tensors, y0))
+        if top is not None:
+            return self._vmapped(top, return_info)
         meta = self._meta
         k = len(meta[1])
         if eager_call():
             outs = EagerImplicitFunction.apply(self._token, meta, return_info, y0, *tensors)
             status, iterations, residual_norm = outs[k:k + 3] if return_info else (None, None, None)
         else:
-            if vmap_forward_only((*tensors, y0)):
-                # nothing differentiates this call: the operator alone (its vmap rule folds the batch)
-                outs = vmapped_solve(self._token, tensors, y0)
+            if torch.compiler.is_compiling():
+                outs = CompilableImplicitFunction.apply(self._token, meta, y0, *tensors)
             else:
-                fn = CompilableImplicitFunction if torch.compiler.is_compiling() else ImplicitFunction
-                outs = fn.apply(self._token, meta, y0, *tensors)
+                outs = ImplicitFunction.apply(self._token, _Static(meta, None), y0, *tensors)
             if return_info:
                 # the result's tensors follow the outputs, the dataclass fields first (function.result_names);
                 # status is copied: the backward reads the result's status (which samples get a gradient)
@@ -343,6 +348,26 @@ class ImplicitLayer(torch.nn.Module):
         result = outs[0] if k == 1 else outs[:k]
         if return_info:
             return result, SolveInfo(status, iterations, residual_norm)
+        return result
+
+    def _vmapped(self, top, return_info: bool):
+        """The call under the innermost vmap level ``top`` (:func:`unwrap_vmap_level`): its ``V``
+        calls folded into one call of this layer, made with the level popped, and the outputs
+        wrapped at the level again (statuses and iterations per sample of each vmapped call)."""
+        level, V, plain, dims = top
+        k = len(self._unknown_groups)
+        with pop_interpreter():
+            params, y0, B, squeeze = fold_inputs(self, V, dims[:-1], dims[-1], plain[:-1], plain[-1])
+            out = self.forward(*params, y0=y0, return_info=return_info)
+            result, info = out if return_info else (out, None)
+            outs = [result] if k == 1 else list(result)
+            if info is not None:
+                outs += [info.status, info.iterations, info.residual_norm]
+            outs = unfold_outputs(outs, k, V, B, squeeze)
+        outs = [batched_at(o, level) for o in outs]
+        result = outs[0] if k == 1 else tuple(outs[:k])
+        if return_info:
+            return result, SolveInfo(*outs[k:k + 3])
         return result
 
     def _solve_tensors(self, params, y0, with_result: bool = False):

@@ -265,42 +265,52 @@ def test_second_order_through_torch_func_is_exact(appendix_layer):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-def test_vmap_of_a_call_nothing_differentiates_skips_the_autograd_function(appendix_layer, monkeypatch):
-    # vmap alone over inputs that need no gradient: the solve operator is called without the
-    # autograd.Function (whose generated vmap rule costs milliseconds); anything that can
-    # differentiate the call (an input requiring grad under the vmap, grad / jvp transforms, a
-    # forward-AD level) keeps the Function, and its derivatives stay exact
+def test_a_vmap_level_on_top_is_folded_by_the_layer_and_derivatives_stay_exact(appendix_layer, monkeypatch):
+    # the innermost vmap level is folded into the batch by the layer itself (no generated vmap rule
+    # of the autograd.Function, no operator vmap rule), whatever transforms are below it; a grad or
+    # jvp transform inside the vmap keeps the Function's generated rule. Derivatives stay exact.
     import torch.autograd.forward_ad as fwAD
 
     from implicit_compiler.torch import function as F
 
-    applied = []
+    # the Function applied while a vmap level is innermost: torch.func would run its generated rule
+    under_vmap = []
     original = F.ImplicitFunction.apply
-    monkeypatch.setattr(F.ImplicitFunction, "apply", lambda *a: applied.append(1) or original(*a))
+
+    def apply(*a):
+        stack = F._interpreters()
+        under_vmap.append(bool(stack) and stack[-1].key() == F._VMAP)
+        return original(*a)
+
+    monkeypatch.setattr(F.ImplicitFunction, "apply", apply)
+    calls = Calls(appendix_layer, monkeypatch)
     x = torch.tensor([[0.8], [1.0], [1.3]], dtype=torch.float64)
     y = vmap(lambda t: appendix_layer(t, y0=Y0))(x)
-    assert applied == []
+    assert under_vmap == [] and calls.solves == [3]
     torch.testing.assert_close(y, appendix_layer(x, y0=Y0), rtol=0, atol=0)
     yr, dr = appendix_ref(x.numpy()[:, 0])
     # an input that requires grad, differentiated outside the vmap
     xg = x.clone().requires_grad_()
     vmap(lambda t: appendix_layer(t, y0=Y0))(xg)[:, 1].sum().backward()
-    assert applied == [1]
     np.testing.assert_allclose(xg.grad.numpy()[:, 0], dr[:, 1], rtol=1e-9)
+    # grad and jvp over a vmap: the vmap is innermost, folded by the layer
+    g = grad(lambda t: vmap(lambda s: appendix_layer(s, y0=Y0))(t)[:, 1].sum())(x)
+    np.testing.assert_allclose(g.numpy()[:, 0], dr[:, 1], rtol=1e-9)
+    _, tangent = jvp(vmap(lambda s: appendix_layer(s, y0=Y0)), (x,), (torch.ones_like(x),))
+    np.testing.assert_allclose(tangent.numpy(), dr, rtol=1e-9)
+    assert under_vmap and not any(under_vmap) and calls.solves == [3] * 5  # one solve per call, all three samples
     # a jvp transform under the vmap, and a forward-AD level (without vmap)
     tangent = vmap(lambda t: jvp(lambda s: appendix_layer(s, y0=Y0), (t,), (torch.ones_like(t),))[1])(x)
-    assert len(applied) == 2
     np.testing.assert_allclose(tangent.numpy(), dr, rtol=1e-9)
-    assert not F.vmap_forward_only([x])  # no vmap level here: the eager Function runs
+    assert F.unwrap_vmap_level([x]) is None  # no vmap level here: the eager Function runs
     with fwAD.dual_level():
         dual = fwAD.make_dual(x, torch.ones_like(x))
         tangent = fwAD.unpack_dual(appendix_layer(dual, y0=Y0)).tangent
     np.testing.assert_allclose(tangent.numpy(), dr, rtol=1e-9)
     # vmap of grad
     g = vmap(grad(lambda t: appendix_layer(t, y0=Y0)[1]))(x)
-    assert len(applied) >= 3
     np.testing.assert_allclose(g.numpy()[:, 0], dr[:, 1], rtol=1e-9)
-    # failure policy and statuses through the direct path
+    # failure policy and statuses through the folded call
     appendix_layer.configure(on_failure="nan")
     try:
         xb = torch.tensor([[0.9], [0.5]], dtype=torch.float64)  # x = 0.5: no real root
@@ -313,11 +323,9 @@ def test_vmap_of_a_call_nothing_differentiates_skips_the_autograd_function(appen
         vmap(lambda t: appendix_layer(t, y0=Y0))(xb)
 
 
-def test_vmap_forward_folds_without_the_operator_rule_and_nested_vmaps_still_fold(two_layer, appendix_layer,
-                                                                                monkeypatch):
-    # one vmap level over a call nothing differentiates: the layer unwraps the level itself and
-    # calls the operator's implementation once (no torch.func dispatch of the operator's vmap rule);
-    # nested vmaps go through the rule. Both equal the batched call bit for bit, statuses included.
+def test_vmap_levels_fold_without_the_operator_rule(two_layer, appendix_layer, monkeypatch):
+    # vmap levels over a call: the layer unwraps each level itself and solves once (no torch.func
+    # dispatch of the operator's vmap rule), equal to the batched call bit for bit, statuses included
     from implicit_compiler.torch import function as F
 
     through_rule = []
@@ -353,9 +361,9 @@ def test_vmap_forward_folds_without_the_operator_rule_and_nested_vmaps_still_fol
     assert iterations[:, 0].tolist() == infob.iterations.tolist()
     assert y[2, 1] < 0  # the start chose the negative root
 
-    # nested vmaps: the operator's rule folds both levels into one solve
+    # nested vmaps: each level folded in turn, one solve
     x = torch.linspace(0.8, 1.25, 12, dtype=torch.float64).reshape(3, 4, 1)
     solves = Calls(appendix_layer, monkeypatch).solves
     y = vmap(vmap(lambda t: appendix_layer(t, y0=Y0)))(x)
-    assert through_rule and solves == [12]
+    assert through_rule == [] and solves == [12]
     torch.testing.assert_close(y, appendix_layer(x.reshape(12, 1), y0=Y0).reshape(3, 4, 2), rtol=0, atol=0)
