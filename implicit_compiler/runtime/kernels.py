@@ -41,13 +41,16 @@ class SolveResult:
         return self.status == st.CONVERGED
 
     def summary(self) -> str:
-        text = st.summarize(self.status)
-        fallback = getattr(self, "dense_fallback", None)
-        if fallback is not None and fallback.any():
-            k = int(np.count_nonzero(fallback))
-            text += (f"\n{k} sample(s) solved with dense LU with partial pivoting: a pivot of the fixed-order "
-                     f"sparse elimination failed its size check (first: sample {int(np.flatnonzero(fallback)[0])})")
-        return text
+        return st.summarize(self.status) + fallback_note(getattr(self, "dense_fallback", None))
+
+
+def fallback_note(fallback) -> str:
+    """The line a summary adds for the samples solved with the dense fallback (a boolean mask), or ''."""
+    if fallback is None or not fallback.any():
+        return ""
+    k = int(np.count_nonzero(fallback))
+    return (f"\n{k} sample(s) solved with dense LU with partial pivoting: a pivot of the fixed-order "
+            f"sparse elimination failed its size check (first: sample {int(np.flatnonzero(fallback)[0])})")
 
 
 def _kernel_array(a: np.ndarray) -> np.ndarray:

@@ -739,7 +739,8 @@ class ImplicitFunction(CompilableImplicitFunction):
 class EagerImplicitFunction(torch.autograd.Function):
     """:class:`ImplicitFunction` in the ``forward(ctx, ...)`` style, applied when no torch.func
     transform is active and nothing is being compiled. ``apply(token, meta, info, y0, *params)``
-    returns the group outputs only (with ``info``, then status, iterations and residual norms),
+    returns the group outputs only (with ``info``, then status, iterations, residual norms and the
+    dense-fallback flags),
     and keeps the :class:`SolveResult` on the context instead of as saved tensors: each output of
     an ``autograd.Function`` and ``Function.apply`` of the ``setup_context`` style (which binds
     the arguments with :mod:`inspect`) cost microseconds, together as much as the solve of a
@@ -764,8 +765,11 @@ class EagerImplicitFunction(torch.autograd.Function):
         ctx.info = info
         if info:
             # status is copied: the backward reads res.status (which samples get a gradient)
+            fallback = getattr(res, "dense_fallback", None)
             extra = (torch.from_numpy(res.status.copy()), torch.from_numpy(res.iterations),
-                     torch.from_numpy(np.ascontiguousarray(res.residual_norm)))
+                     torch.from_numpy(np.ascontiguousarray(res.residual_norm)),
+                     torch.zeros(res.status.shape, dtype=torch.bool) if fallback is None
+                     else torch.from_numpy(fallback.copy()))
             ctx.mark_non_differentiable(*extra)
             outs = [*outs, *extra]
         return tuple(outs)
@@ -805,7 +809,7 @@ class EagerImplicitFunction(torch.autograd.Function):
             ydot = _call_jvp(ctx.token, result, flat_tangent(ctx.meta[2], tparams, res.y.shape[0]))
         outs = _output_tangents(ctx.meta, ydot, ctx.out_shapes, ctx.out_dtypes)
         if ctx.info:
-            outs += [None, None, None]
+            outs += [None, None, None, None]
         return tuple(outs)
 
 

@@ -6,16 +6,16 @@ import copy
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
 from ..errors import ConvergenceError, ImplicitCompilerError, InputError
 from ..runtime import status as st
-from ..runtime.kernels import Kernels, SolveResult
+from ..runtime.kernels import Kernels, SolveResult, fallback_note
 from ..runtime.options import SolverOptions
 from .function import (
-    RESULT_FIELDS,
     CompilableImplicitFunction,
     EagerImplicitFunction,
     ImplicitFunction,
@@ -46,18 +46,23 @@ def set_module_loader(loader) -> None:
 
 @dataclass
 class SolveInfo:
-    """Per-sample diagnostics of one call (tensors of shape ``(B,)``)."""
+    """Per-sample diagnostics of one call (tensors of shape ``(B,)``). ``dense_fallback`` marks
+    the samples of a sparse-pattern layer whose fixed-order elimination met a pivot that failed its
+    size check and that were solved again with dense LU with partial pivoting (all False for
+    layers that factor densely)."""
 
     status: torch.Tensor
     iterations: torch.Tensor
     residual_norm: torch.Tensor
+    dense_fallback: Optional[torch.Tensor] = None  # noqa: UP045
 
     @property
     def converged(self) -> torch.Tensor:
         return self.status == st.CONVERGED
 
     def summary(self) -> str:
-        return st.summarize(self.status.numpy())
+        fallback = None if self.dense_fallback is None else self.dense_fallback.reshape(-1).numpy()
+        return st.summarize(self.status.reshape(-1).numpy()) + fallback_note(fallback)
 
 
 class _Call:
@@ -334,7 +339,7 @@ class ImplicitLayer(torch.nn.Module):
         k = len(meta[1])
         if eager_call():
             outs = EagerImplicitFunction.apply(self._token, meta, return_info, y0, *tensors)
-            status, iterations, residual_norm = outs[k:k + 3] if return_info else (None, None, None)
+            info = outs[k:k + 4] if return_info else None
         else:
             if torch.compiler.is_compiling():
                 outs = CompilableImplicitFunction.apply(self._token, meta, y0, *tensors)
@@ -343,11 +348,13 @@ class ImplicitLayer(torch.nn.Module):
             if return_info:
                 # the result's tensors follow the outputs, the dataclass fields first (function.result_names);
                 # status is copied: the backward reads the result's status (which samples get a gradient)
-                res = dict(zip(RESULT_FIELDS, outs[k:]))
-                status, iterations, residual_norm = res["status"].clone(), res["iterations"], res["residual_norm"]
+                res = dict(zip(self._result_schema()[0], outs[k:]))
+                fallback = res.get("dense_fallback")
+                info = (res["status"].clone(), res["iterations"], res["residual_norm"],
+                        torch.zeros_like(res["status"], dtype=torch.bool) if fallback is None else fallback.clone())
         result = outs[0] if k == 1 else outs[:k]
         if return_info:
-            return result, SolveInfo(status, iterations, residual_norm)
+            return result, SolveInfo(*info)
         return result
 
     def _vmapped(self, top, return_info: bool):
@@ -362,12 +369,12 @@ class ImplicitLayer(torch.nn.Module):
             result, info = out if return_info else (out, None)
             outs = [result] if k == 1 else list(result)
             if info is not None:
-                outs += [info.status, info.iterations, info.residual_norm]
+                outs += [info.status, info.iterations, info.residual_norm, info.dense_fallback]
             outs = unfold_outputs(outs, k, V, B, squeeze)
         outs = [batched_at(o, level) for o in outs]
         result = outs[0] if k == 1 else tuple(outs[:k])
         if return_info:
-            return result, SolveInfo(*outs[k:k + 3])
+            return result, SolveInfo(*outs[k:k + 4])
         return result
 
     def _solve_tensors(self, params, y0, with_result: bool = False):

@@ -245,3 +245,40 @@ def test_pattern_analysis_is_linear_in_the_pattern():
     assert upd.size == n - 1
     lptr, lpos = e.lower_columns()
     assert lpos.size == n - 1 and (e.indices[lpos] == np.arange(n - 1)).all()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch")  # torch.compile's own warnings
+def test_the_dense_fallback_is_in_the_torch_solve_info(zero_pivot_pair):
+    # return_info=True reports the fallback per sample in eager mode, under torch.func (vmap, grad)
+    # and in a compiled model, as SolveResult.dense_fallback does; a dense layer reports none
+    sparse, dense = zero_pivot_pair
+    p = torch.tensor([[1.0, 0.5], [1.2, -0.3], [0.8, 0.0]], dtype=torch.float64)
+    y0 = torch.ones((3, N_FB), dtype=torch.float64)
+    y0[1] = 0.0  # sample 1 starts where the first pivot is zero
+    y, info = sparse(p, y0=y0, return_info=True)
+    assert info.dense_fallback.tolist() == [False, True, False]
+    assert "1 sample(s) solved with dense LU" in info.summary() and "sample 1" in info.summary()
+    yd, infod = dense(p, y0=y0, return_info=True)
+    assert infod.dense_fallback.tolist() == [False] * 3 and "dense LU" not in infod.summary()
+    torch.testing.assert_close(y, yd, rtol=TOL, atol=TOL)
+
+    def with_info(p, y0):
+        y, info = sparse(p, y0=y0, return_info=True)
+        return y, info.status, info.dense_fallback
+
+    _, status, fallback = torch.func.vmap(with_info)(p, y0)  # three unbatched calls, folded
+    assert status.reshape(-1).tolist() == [0, 0, 0] and fallback.reshape(-1).tolist() == [False, True, False]
+
+    def loss_and_flags(p):
+        y, info = sparse(p, y0=y0, return_info=True)
+        return y.sum(), info.dense_fallback
+
+    g, fallback = torch.func.grad(loss_and_flags, has_aux=True)(p)
+    assert fallback.tolist() == [False, True, False]
+    pr = p.clone().requires_grad_()
+    dense(pr, y0=y0).sum().backward()
+    torch.testing.assert_close(g, pr.grad, rtol=1e-10, atol=1e-12)
+
+    compiled = torch.compile(lambda p, y0: sparse(p, y0=y0, return_info=True)[1].dense_fallback, fullgraph=True,
+                             backend="aot_eager")
+    assert compiled(p, y0).tolist() == [False, True, False]
