@@ -18,11 +18,12 @@ from functools import cached_property
 import sympy as sp
 from sympy.core.function import AppliedUndef
 
-from ..errors import SystemDefinitionError
+from ..errors import StructuralSingularityError, SystemDefinitionError
 from .groups import flat_symbols, make_groups
 from .system import ResidualSystem, _as_residual_list, _check_real_constructs
 
 TIME_GROUP = "_time"
+SHIFT_GROUP = "_zero"
 
 
 class _RHSSystem(ResidualSystem):
@@ -148,12 +149,28 @@ class ODE:
     # ------------------------------------------------------------------ the compiled system
     @cached_property
     def system(self) -> ResidualSystem:
-        """``f`` as the residual system the kernels are generated from (params: time, then the groups)."""
+        """``f`` as the residual system the kernels are generated from (params: the time, then the
+        user's groups).
+
+        The kernel generator needs ``df/dx`` to be structurally nonsingular (it is a residual
+        system's Newton matrix). When it is not (``dx/dt = k``, a state no right-hand side reads),
+        the residuals are ``f_i + z x_i`` with one more parameter ``z`` (group ``_zero``, last),
+        which the integrator always sets to 0: the kernels then compute ``f`` and ``df/dx``
+        exactly, with a structural diagonal.
+        """
         t = self.time if self.time is not None else sp.Symbol("_t_unused")
         params = {TIME_GROUP: t}
         for g in self.param_groups:
             params[g.name] = _group_value(g)
-        return _RHSSystem(list(self.rhs), list(self.state), params, name=self.name)
+        sysm = _RHSSystem(list(self.rhs), list(self.state), params, name=self.name)
+        try:
+            sysm.derivation
+        except StructuralSingularityError:
+            z = sp.Symbol("_zero")
+            params[SHIFT_GROUP] = z
+            sysm = _RHSSystem([r + z * s for r, s in zip(self.rhs, self.state)], list(self.state), params,
+                              name=self.name)
+        return sysm
 
     @property
     def n_state(self) -> int:
@@ -166,7 +183,7 @@ class ODE:
     @property
     def jacobian_state(self) -> sp.Matrix:
         """``df/dx`` as a SymPy Matrix."""
-        return self.system.jacobian_unknowns
+        return sp.Matrix(list(self.rhs)).jacobian(list(self.state))
 
     def content_hash(self) -> str:
         h = hashlib.sha256()

@@ -145,7 +145,7 @@ class _ODEFunction(torch.autograd.Function):
         if G.shape[0] != call.B:
             G = np.ascontiguousarray(np.broadcast_to(G, (call.B, *G.shape[1:])))
         need_x0 = ctx.needs_input_grad[1]
-        need = np.zeros(len(groups) + 1, dtype=np.bool_)
+        need = np.zeros(len(layer.layout["param_groups"]), dtype=np.bool_)  # _time, the groups, (_zero)
         cols = np.zeros(layer.kernels.m, dtype=np.bool_)
         for i, g in enumerate(groups):
             if ctx.needs_input_grad[2 + i]:
@@ -268,10 +268,11 @@ class ODELayer(nn.Module):
         if X0.shape[0] != B:
             X0 = np.ascontiguousarray(np.broadcast_to(X0, (B, n)))
         m = self.kernels.m
-        P = np.zeros((B, m))
+        m_user = sum(len(g["symbols"]) for g in groups)
+        P = np.zeros((B, m))  # column 0: the time; after the user's groups, the zero shift (symbolic.ode)
         if groups:
             arrays = [np.asarray(to_numpy(p), dtype=np.float64) for p in params]
-            P[:, 1:] = pack([{**g} for g in groups], arrays, B, batched, m - 1)
+            P[:, 1:1 + m_user] = pack(groups, arrays, B, batched, m_user)
         call.P = P
         call.X0 = X0
         call.TEV = self._check_t_eval(t_eval, B)
