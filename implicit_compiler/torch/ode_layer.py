@@ -77,7 +77,7 @@ class ODEOptions:
         if "rtol" not in options and "atol" not in options and options.get("method") in ("backward_euler",
                                                                                           "trapezoid"):
             # the fixed-step methods' rtol/atol are their stage-solve tolerance
-            options = dict(options, rtol=1e-12, atol=1e-12)
+            options = dict(options, rtol=1e-13, atol=1e-13)
         return cls(**options)
 
 
@@ -271,7 +271,12 @@ class ODELayer(nn.Module):
         m_user = sum(len(g["symbols"]) for g in groups)
         P = np.zeros((B, m))  # column 0: the time; after the user's groups, the zero shift (symbolic.ode)
         if groups:
-            arrays = [np.asarray(to_numpy(p), dtype=np.float64) for p in params]
+            arrays = []
+            for g, p, bt in zip(groups, params, batched):
+                a = np.asarray(to_numpy(p), dtype=np.float64)
+                if bt and a.shape[0] != B:  # a batch of 1 broadcast over the batch
+                    a = np.broadcast_to(a, (B, *a.shape[1:]))
+                arrays.append(a)
             P[:, 1:1 + m_user] = pack(groups, arrays, B, batched, m_user)
         call.P = P
         call.X0 = X0
