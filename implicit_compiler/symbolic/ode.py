@@ -164,7 +164,7 @@ class ODE:
             params[g.name] = _group_value(g)
         sysm = _RHSSystem(list(self.rhs), list(self.state), params, name=self.name)
         try:
-            sysm.derivation
+            _ = sysm.derivation  # derives now: the generator checks the structure of df/dx
         except StructuralSingularityError:
             z = sp.Symbol("_zero")
             params[SHIFT_GROUP] = z

@@ -223,7 +223,7 @@ class ODELayer(nn.Module):
         dif = np.diff(tev, axis=1)
         if (dif <= 0).any():
             r, c = np.argwhere(dif <= 0)[0]
-            where = f"t_eval[{c}] = {tev[r, c]!r}, t_eval[{c + 1}] = {tev[r, c + 1]!r}"
+            where = f"t_eval[{c}] = {float(tev[r, c])!r}, t_eval[{c + 1}] = {float(tev[r, c + 1])!r}"
             if tev.shape[0] > 1:
                 where = f"sample {r}: " + where
             raise InputError(f"t_eval must be strictly increasing ({where}); integrating backwards in "
@@ -272,7 +272,7 @@ class ODELayer(nn.Module):
         P = np.zeros((B, m))  # column 0: the time; after the user's groups, the zero shift (symbolic.ode)
         if groups:
             arrays = []
-            for g, p, bt in zip(groups, params, batched):
+            for p, bt in zip(params, batched):
                 a = np.asarray(to_numpy(p), dtype=np.float64)
                 if bt and a.shape[0] != B:  # a batch of 1 broadcast over the batch
                     a = np.broadcast_to(a, (B, *a.shape[1:]))
