@@ -651,7 +651,7 @@ class ODEResult:
 class ODEKernels:
     """The integrator and adjoint drivers bound to one generated module of ``f``."""
 
-    INITIAL_STORE = 64
+    INITIAL_STORE = 256
 
     def __init__(self, module):
         from .drivers import function
@@ -669,6 +669,7 @@ class ODEKernels:
         self._parallel = d("ode_batch_parallel")
         self._adj_range = d("ode_adjoint_range")
         self._adj_parallel = d("ode_adjoint_batch_parallel")
+        self._store_hint = self.INITIAL_STORE
 
     @staticmethod
     def _call(entry, *args):
@@ -731,7 +732,8 @@ class ODEKernels:
         STATUS = np.zeros(B, dtype=np.int8)
         INFO = np.zeros((B, 4))
         width = STORE_HEAD + s * n
-        cap = self.INITIAL_STORE if store else 0
+        # room for the steps of the last calls (a training loop integrates similar samples again)
+        cap = min(self._store_hint, int(max_steps) + 1) if store else 0
         if not tableau.adaptive and store:
             span = TEV[:, -1] - TEV[:, 0]
             cap = int(np.max(np.ceil(span / dt * (1 - 1e-12)))) + T + 1
@@ -765,10 +767,12 @@ class ODEKernels:
                 break
             # samples whose store filled up run again with twice the room (up to max_steps)
             idx = idx[full]
-            cap = min(2 * cap, int(max_steps) + 1)
+            cap = min(4 * cap, int(max_steps) + 1)
             args_x0 = np.ascontiguousarray(X0[idx])
             args_p = np.ascontiguousarray(P[idx])
             args_t = TEV if TEV.shape[0] == 1 else np.ascontiguousarray(TEV[idx])
+        if store and tableau.adaptive and B:
+            self._store_hint = max(self._store_hint, int(1.25 * NSTEP.max()) + 1)
         return ODEResult(OUT, STATUS, INFO, P, STORE if store else None, NSTEP, tableau)
 
     def adjoint(self, res: ODEResult, GOUT, need, cols, parallel_threshold=8):
