@@ -103,13 +103,29 @@ def _stage_values(residual, t, h, x, p, A, cc, Z, X, K, n, s, tab):
 
 @njit(cache=True, error_model="numpy")
 def _newton(residual, residual_jacobian, t, h, x, p, A, cc, Z, X, K, M, piv, J, JS, d, sc, tol, maxit, full,
-            n, s, tab):
-    """Solve the stage equations for Z from Z = 0; M (and piv) must hold the factored
-    iteration matrix unless ``full``. Returns (converged, iterations, rate)."""
+            Zp, hp, extrap, n, s, tab):
+    """Solve the stage equations for Z; M (and piv) must hold the factored iteration matrix
+    unless ``full``. Starts from Z = 0, or with ``extrap`` from the previous step's collocation
+    polynomial (stage increments ``Zp`` of a step of size ``hp``; Radau, whose nodes are distinct
+    and end at 1). Returns (converged, iterations, rate)."""
     sn = s * n
-    for j in range(s):
-        for i in range(n):
-            Z[j, i] = 0.0
+    if extrap:
+        for j in range(s):
+            tau = 1.0 + cc[j] * h / hp
+            for i in range(n):
+                Z[j, i] = -Zp[s - 1, i]
+            for q in range(s):
+                # Lagrange basis of node c_q over the nodes 0, c_0, ..., c_{s-1}
+                L = tau / cc[q]
+                for r in range(s):
+                    if r != q:
+                        L *= (tau - cc[r]) / (cc[q] - cc[r])
+                for i in range(n):
+                    Z[j, i] += L * Zp[q, i]
+    else:
+        for j in range(s):
+            for i in range(n):
+                Z[j, i] = 0.0
     dn_old = 0.0
     rate = -1.0
     for it in range(maxit):
@@ -165,7 +181,7 @@ def _store_step(STORE, b, k, t, h, hit, X, n, s):
 
 @njit(cache=True, error_model="numpy")
 def _one_sample(residual, residual_jacobian, b, X0, P, TEV, A, E, cc, IOPT, FOPT, OUT, STORE, NSTEP, INFO, tab,
-                x, xn, p, Z, X, K, M, piv, J, JS, d, sc, E1, piv1, f0, err, tmp):
+                x, xn, p, Z, X, K, M, piv, J, JS, d, sc, E1, piv1, f0, err, tmp, Zp):
     n = X0.shape[1]
     s = A.shape[0]
     sn = s * n
@@ -251,6 +267,10 @@ def _one_sample(residual, residual_jacobian, b, X0, P, TEV, A, E, cc, IOPT, FOPT
     jac_current = False
     lu_h = math.nan  # step size the factored iteration matrix was built for
     err_prev = 1.0
+    h_acc = 1.0  # the last accepted step
+    have_prev = False  # Zp, hp hold the last accepted step (Radau: Newton starts from its extrapolation)
+    hp = 1.0
+    extrapolate = err_kind == 3
     rejected_last = False
     first = True
     for k in range(1, T):
@@ -320,14 +340,14 @@ def _one_sample(residual, residual_jacobian, b, X0, P, TEV, A, E, cc, IOPT, FOPT
                     if ok:
                         ok, nit, rate = _newton(residual, residual_jacobian, t, hstep, x, p, A, cc, Z, X, K, M, piv,
                                                 J, JS, d, sc, newton_tol if adaptive else 1.0, _NEWTON_MAXITER,
-                                                False, n, s, tab)
+                                                False, Zp, hp, have_prev, n, s, tab)
                     if ok or jac_current:
                         break
                     have_jac = False
                 if not ok and not adaptive:
                     # fixed step: full Newton on the exact stage Jacobian
                     ok, nit, rate = _newton(residual, residual_jacobian, t, hstep, x, p, A, cc, Z, X, K, M, piv, J,
-                                            JS, d, sc, 1.0, _FULL_NEWTON_MAXITER, True, n, s, tab)
+                                            JS, d, sc, 1.0, _FULL_NEWTON_MAXITER, True, Zp, hp, False, n, s, tab)
                     lu_h = math.nan
                     if not ok:
                         NSTEP[b] = nst
@@ -441,6 +461,12 @@ def _one_sample(residual, residual_jacobian, b, X0, P, TEV, A, E, cc, IOPT, FOPT
                 _store_step(STORE, b, nst, t, hstep, hit, X, n, s)
             nst += 1
             naccept += 1
+            if extrapolate:
+                for j in range(s):
+                    for i in range(n):
+                        Zp[j, i] = Z[j, i]
+                hp = hstep
+                have_prev = True
             if clipped:
                 t = target
             else:
@@ -452,14 +478,24 @@ def _one_sample(residual, residual_jacobian, b, X0, P, TEV, A, E, cc, IOPT, FOPT
             if adaptive:
                 if enorm == 0.0:
                     fac = _FAC_MAX
+                elif implicit:
+                    # Gustafsson's predictive controller (Hairer & Wanner IV.8, as RADAU5)
+                    mult = 1.0
+                    if naccept > 1:
+                        mult = min(1.0, hstep / h_acc * (err_prev / enorm) ** kexp)
+                    fac = _SAFETY * mult * enorm ** (-kexp)
                 else:
+                    # PI controller: h err_n^(-0.7/k) err_(n-1)^(0.4/k)
                     fac = _SAFETY * enorm ** (-0.7 * kexp) * err_prev ** (0.4 * kexp)
                 if implicit:
                     fac *= (2 * _NEWTON_MAXITER + 1) / (2 * _NEWTON_MAXITER + nit)
                 fac = min(1.0 if rejected_last else _FAC_MAX, max(_FAC_MIN, fac))
-                if implicit and fac >= 1.0 and fac < 1.2:
-                    fac = 1.0  # keep h: the factored iteration matrix stays valid
-                err_prev = max(enorm, 1e-4)
+                # keep df/dx unless Newton needed more than 2 iterations at a rate above 1e-3
+                recompute = implicit and nit > 2 and rate > 1e-3
+                if implicit and not recompute and fac < 1.2:
+                    fac = 1.0  # keep h (an accepted step): the factored iteration matrix stays valid
+                err_prev = max(enorm, 1e-10) if implicit else max(enorm, 1e-4)
+                h_acc = hstep
                 hnew = hstep * fac
                 if clipped and hnew < h and fac >= 1.0:
                     hnew = h  # a step shortened onto an output point does not shrink the next one
@@ -468,8 +504,7 @@ def _one_sample(residual, residual_jacobian, b, X0, P, TEV, A, E, cc, IOPT, FOPT
                     h = min(h, hmax)
                 rejected_last = False
                 if implicit:
-                    # keep df/dx while Newton converged fast (rate < 1e-3)
-                    if rate < 0.0 or rate > 1e-3:
+                    if recompute:
                         have_jac = False
                     jac_current = False
             elif implicit:
@@ -508,9 +543,10 @@ def drive_ode_range(residual, residual_jacobian, lo, hi, X0, P, TEV, A, E, cc, I
     f0 = np.empty(n)
     err = np.empty(n)
     tmp = np.empty(n)
+    Zp = np.zeros((s, n))
     for b in range(lo, hi):
         STATUS[b] = _one_sample(residual, residual_jacobian, b, X0, P, TEV, A, E, cc, IOPT, FOPT, OUT, STORE, NSTEP,
-                                INFO, tab, x, xn, p, Z, X, K, M, piv, J, JS, d, sc, E1, piv1, f0, err, tmp)
+                                INFO, tab, x, xn, p, Z, X, K, M, piv, J, JS, d, sc, E1, piv1, f0, err, tmp, Zp)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
