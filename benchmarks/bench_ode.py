@@ -202,7 +202,7 @@ def main():
             print(f"| ratio | {B} | | scipy Radau loop (forward) / best ic fwd+bwd: "
                   f"{sc['Radau']['per_sample'] * B / best['both']:.1f}x | | |", flush=True)
             for m, s in sc.items():
-                note = "loop; timed on %d samples, scaled" % S if B > 1 else "one solve"
+                note = f"loop; timed on {S} samples, scaled" if B > 1 else "one solve"
                 print(f"| scipy {m} + jac | {B} | {s['per_sample'] * B * 1e3:.1f} ms | (no gradient) | {s['err']:.2g} "
                       f"| {note} |", flush=True)
             for adj in (False, True):
