@@ -146,14 +146,22 @@ def _newton(residual, residual_jacobian, t, h, x, p, A, cc, Z, X, K, M, piv, J, 
                 d[i * n + r] = -acc
         lu_solve(sn, M, piv, d)
         acc = 0.0
+        dmax = 0.0
+        zmax = 0.0
         for i in range(s):
             for r in range(n):
                 Z[i, r] += d[i * n + r]
                 q = d[i * n + r] / sc[r]
                 acc += q * q
+                dmax = max(dmax, abs(d[i * n + r]))
+                zmax = max(zmax, abs(X[i, r]))
         dn = math.sqrt(acc / sn)
         if not math.isfinite(dn):
             return False, it + 1, rate
+        if it > 0 and dmax <= 64.0 * _EPS * zmax:
+            # the update is at the rounding level of the stage values: as converged as it gets
+            ok = _stage_values(residual, t, h, x, p, A, cc, Z, X, K, n, s, tab)
+            return ok, it + 1, max(rate, 0.0)
         if it > 0:
             rate = dn / dn_old if dn_old > 0.0 else 0.0
             if not full:

@@ -100,7 +100,7 @@ class ODEInfo:
 
 class _ODECall:
     __slots__ = ("layer", "P", "X0", "TEV", "B", "batched", "param_batch", "x0_batched", "squeeze", "dtype",
-                 "result", "need_grad")
+                 "result", "need_grad", "device", "param_devices")
 
     def run(self):
         layer = self.layer
@@ -128,7 +128,7 @@ class _ODEFunction(torch.autograd.Function):
     @staticmethod
     def forward(call, x0, *params):
         res = call.run()
-        return torch.from_numpy(res.x.copy()).to(call.dtype)
+        return torch.from_numpy(res.x.copy()).to(device=call.device, dtype=call.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -158,7 +158,7 @@ class _ODEFunction(torch.autograd.Function):
             PB[bad] = np.nan
         grads = [None]
         if need_x0:
-            gx = torch.from_numpy(XB).to(call.dtype)
+            gx = torch.from_numpy(XB).to(device=call.device, dtype=call.dtype)
             if not call.x0_batched:
                 gx = gx.sum(0)
             grads.append(gx)
@@ -177,7 +177,7 @@ class _ODEFunction(torch.autograd.Function):
                     gp = gp.sum(0, keepdim=True)
             else:
                 gp = torch.from_numpy(block.sum(0)).reshape(shape)
-            grads.append(gp.to(call.dtype))
+            grads.append(gp.to(device=call.param_devices[i], dtype=call.dtype))
         return tuple(grads)
 
 
@@ -264,6 +264,8 @@ class ODELayer(nn.Module):
         call.x0_batched = xb is not None
         call.squeeze = squeeze
         call.dtype = x0.dtype if x0.dtype in (torch.float64, torch.float32) else torch.float64
+        call.device = x0.device
+        call.param_devices = [p.device for p in params]
         X0 = np.array(to_numpy(x0), dtype=np.float64).reshape(-1, n)
         if X0.shape[0] != B:
             X0 = np.ascontiguousarray(np.broadcast_to(X0, (B, n)))

@@ -166,3 +166,16 @@ def test_threaded_batch_matches_serial(decay):
         grads.append((gx, gk))
     assert torch.equal(outs[0], outs[1])
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("x0, k", [(1e12, 1e6), (1e-9, 3e4), (-5.0, 1e8)])
+def test_fixed_step_stiff_decay_at_any_magnitude(decay, x0, k):
+    # backward Euler: x_n = x0 / (1 + h k)^n exactly; trapezoid: x0 ((1 - h k / 2) / (1 + h k / 2))^n
+    h = 0.1
+    te = torch.tensor([0.0, 0.5, 1.0], dtype=f64)
+    for method, ratio in (("backward_euler", 1 / (1 + h * k)), ("trapezoid", (1 - h * k / 2) / (1 + h * k / 2))):
+        layer = ic.compile(decay, method=method, dt=h)
+        out, info = layer(_t([[x0]]), _t([[k]]), t_eval=te, return_info=True)
+        assert info.status.tolist() == [0]
+        exact = torch.tensor([x0, x0 * ratio**5, x0 * ratio**10], dtype=f64)
+        torch.testing.assert_close(out[0, :, 0], exact, rtol=1e-12, atol=1e-12)  # stage tolerance: 1e-13 (1 + |x|)
