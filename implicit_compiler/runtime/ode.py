@@ -815,7 +815,7 @@ class ODEKernels:
             args_x0 = np.ascontiguousarray(X0[idx])
             args_p = np.ascontiguousarray(P[idx])
             args_t = TEV if TEV.shape[0] == 1 else np.ascontiguousarray(TEV[idx])
-        if store and tableau.adaptive and B:
+        if tableau.adaptive and B:  # (steps are counted with or without the store)
             self._store_hint = max(self._store_hint, int(1.25 * NSTEP.max()) + 1)
         return ODEResult(OUT, STATUS, INFO, P, STORE if store else None, NSTEP, tableau)
 
