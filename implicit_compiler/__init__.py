@@ -19,9 +19,11 @@ from .inspect import check, report
 from .runtime.kernels import SolveResult
 from .runtime.options import SolverOptions
 from .runtime.status import Status
+from .symbolic.ode import ODE
 from .symbolic.problem import Problem
 from .symbolic.system import FixedPoint, ResidualSystem
 from .torch.module import ImplicitLayer, SolveInfo
+from .torch.ode_layer import ODEInfo, ODELayer
 
 __all__ = [
     "__version__",
@@ -32,6 +34,9 @@ __all__ = [
     "ResidualSystem",
     "FixedPoint",
     "Problem",
+    "ODE",
+    "ODELayer",
+    "ODEInfo",
     "ImplicitLayer",
     "SolveInfo",
     "SolveResult",

@@ -40,6 +40,8 @@ def compile(system, *, cache_dir=None, verbose: bool = False, warmup: bool = Tru
     ``on_failure``, ``method``, ...). ``verbose`` reports progress on stderr.
     ``warmup`` compiles (or loads) the forward and backward kernels now rather than on the first call.
     """
+    if getattr(system, "kind", None) == "ode":
+        return compile_ode(system, cache_dir=cache_dir, verbose=verbose, warmup=warmup, **options)
     if getattr(system, "kind", None) == "problem":
         return compile_problem(system, cache_dir=cache_dir, verbose=verbose, warmup=warmup, **options)
     opts = SolverOptions.from_kwargs(**options)
@@ -140,6 +142,35 @@ def compile_problem(problem, *, cache_dir=None, verbose: bool = False, warmup: b
 
         # the serial range kernels and the prange drivers large batches run (as warm())
         k.warm_up(run)
+    report["total_seconds"] = time.perf_counter() - t0
+    return layer
+
+
+def compile_ode(ode, *, cache_dir=None, verbose: bool = False, warmup: bool = True, **options):
+    """Compile an :class:`~implicit_compiler.ODE` into an :class:`~implicit_compiler.ODELayer`.
+
+    ``options``: ``method`` (``"radau5"`` default, ``"esdirk"``, ``"dopri5"``, ``"backward_euler"``,
+    ``"trapezoid"``), ``rtol``, ``atol``, ``max_steps``, ``h0`` (first step, adaptive methods),
+    ``dt`` (step, fixed-step methods), ``hmax``, ``on_failure``, ``parallel_threshold``
+    (see docs/ode.md). The generated module depends on the right-hand side only: every method
+    runs on the same kernels.
+    """
+    from .torch.ode_layer import ODELayer, ODEOptions
+
+    opts = ODEOptions.from_kwargs(**options)
+    report = {}
+    t0 = time.perf_counter()
+    system = ode.system
+
+    def source(key):
+        _progress(verbose, f"deriving df/dx and df/dtheta of {ode!r}")
+        return module_source(system.derivation, ode.layout(), key)
+
+    _, module = _cached_module(ode.content_hash(), cache_dir, source, report)
+    layer = ODELayer(module, opts, ode=ode, compile_report=report)
+    if warmup:
+        _progress(verbose, "compiling the integrator drivers with Numba (once per installation)")
+        layer.kernels.warm_up(opts.method)
     report["total_seconds"] = time.perf_counter() - t0
     return layer
 

@@ -60,3 +60,10 @@ def test_ode_layer(tmp_path):
     assert r["loss_last"] < 1e-3 * r["loss_first"]
     assert r["a"] == pytest.approx(r["true_a"], rel=0.03)
     assert r["c"] == pytest.approx(r["true_c"], rel=0.05)
+
+
+def test_ode_robertson(tmp_path):
+    r = run("ode_robertson", tmp_path)
+    assert r["loss_last"] < 2e-3 * r["loss_first"]
+    for k, true in zip(r["k"], r["true_k"]):
+        assert k == pytest.approx(true, rel=0.03)

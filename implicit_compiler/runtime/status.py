@@ -20,6 +20,11 @@ INFEASIBLE = 6
 UNBOUNDED = 7
 NOT_OPTIMAL = 8
 NOT_A_MINIMUM = 9
+# ODE layers (implicit_compiler.runtime.ode)
+ODE_MAX_STEPS = 10
+ODE_STEP_UNDERFLOW = 11
+ODE_NEWTON_FAILED = 12
+ODE_NONFINITE_STATE = 13
 
 
 class Status(enum.IntEnum):
@@ -35,6 +40,10 @@ class Status(enum.IntEnum):
     UNBOUNDED = UNBOUNDED
     NOT_OPTIMAL = NOT_OPTIMAL
     NOT_A_MINIMUM = NOT_A_MINIMUM
+    ODE_MAX_STEPS = ODE_MAX_STEPS
+    ODE_STEP_UNDERFLOW = ODE_STEP_UNDERFLOW
+    ODE_NEWTON_FAILED = ODE_NEWTON_FAILED
+    ODE_NONFINITE_STATE = ODE_NONFINITE_STATE
 
     @property
     def message(self) -> str:
@@ -82,6 +91,24 @@ _MESSAGES = {
         "active constraints (for maximize=True: of positive curvature), so the second-order "
         "condition fails; the objective may have no minimum here (add bounds), or start from "
         "another initial guess y0 (for a custom forward: check that it returns a minimiser)"
+    ),
+    Status.ODE_MAX_STEPS: (
+        "the integrator took max_steps steps (accepted and rejected) before reaching the last output "
+        "time; raise max_steps, loosen rtol/atol, or use a stiff method (radau5, esdirk) if the "
+        "problem is stiff"
+    ),
+    Status.ODE_STEP_UNDERFLOW: (
+        "the step size fell below the resolution of the time variable (10 machine epsilons of |t|): "
+        "the solution may blow up in finite time, or be non-finite or discontinuous here; check the "
+        "parameters and the initial state"
+    ),
+    Status.ODE_NEWTON_FAILED: (
+        "the fixed-step method's stage equations could not be solved (simplified and then full Newton "
+        "failed to converge): use a smaller dt or an adaptive method"
+    ),
+    Status.ODE_NONFINITE_STATE: (
+        "NaN or inf: the initial state or a parameter of this sample is not finite, or (fixed step) "
+        "the state or the right-hand side became non-finite during the integration"
     ),
 }
 
