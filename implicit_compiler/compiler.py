@@ -10,6 +10,7 @@ from .codegen.emit import module_source
 from .errors import ImplicitCompilerError
 from .runtime.options import SolverOptions
 from .torch.module import ImplicitLayer, set_module_loader
+from .torch.ode_layer import set_ode_compiler
 
 
 def _progress(verbose: bool, msg: str) -> None:
@@ -230,6 +231,7 @@ class _PickledModules:
 
 
 set_module_loader(_PickledModules)
+set_ode_compiler(compile_ode)
 
 
 # ---------------------------------------------------------------- second order

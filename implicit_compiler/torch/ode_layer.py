@@ -8,6 +8,7 @@ function theorem at their solution, step sizes held constant).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -15,13 +16,45 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConvergenceError, InputError
+from ..errors import ConvergenceError, ImplicitCompilerError, InputError
 from ..runtime import status as st
 from ..runtime.ode import ODEKernels
 from ..runtime.ode_tableaus import ODE_METHODS, TABLEAUS
+from .function import SecondOrderUnsupported
 from .shapes import batch_size, check_tensor, pack, to_numpy
 
+# How a pickled ODELayer is rebuilt: set by ``implicit_compiler.compiler`` (which owns the kernel
+# cache) when the package is imported: ``compile_ode(ode, **options)``.
+_ODE_COMPILER = None
+
+
+def set_ode_compiler(compile_ode) -> None:
+    global _ODE_COMPILER
+    _ODE_COMPILER = compile_ode
+
+
+def _rebuild(ode, options: dict):
+    """Unpickling an :class:`ODELayer`: compile its ODE again (the kernel cache usually has the
+    module; otherwise it is generated from the ODE)."""
+    if _ODE_COMPILER is None:
+        import implicit_compiler  # noqa: F401  (registers the compiler)
+    return _ODE_COMPILER(ode, warmup=False, **options)
+
+
+class _NoSecondOrder(SecondOrderUnsupported):
+    """The ODE adjoint's gradients under ``create_graph=True``: differentiating them raises."""
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"second-order derivatives through the ODE layer {ctx.layer_name!r} are not supported: its "
+            f"discrete adjoint has no derivative of its own. First derivatives are exact (loss.backward(), "
+            f"torch.autograd.grad); leave the ODE layer's gradients out of terms that are differentiated again "
+            f"(gradient penalties, Hessian-vector products)"
+        )
+
 FAILURE_POLICIES = ("raise", "nan", "keep")
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 
 @dataclass(frozen=True)
@@ -133,10 +166,11 @@ class _ODEFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.call = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gout):
+        inputs = ctx.saved_tensors  # raises if x0 or a parameter was modified in place since the forward
         call = ctx.call
         layer = call.layer
         res = call.result
@@ -178,6 +212,8 @@ class _ODEFunction(torch.autograd.Function):
             else:
                 gp = torch.from_numpy(block.sum(0)).reshape(shape)
             grads.append(gp.to(device=call.param_devices[i], dtype=call.dtype))
+        if torch.is_grad_enabled():  # create_graph=True: these gradients must not pass for constants
+            grads[1:] = _NoSecondOrder.wrap(layer.layout["name"], inputs, grads[1:], order="second")
         return tuple(grads)
 
 
@@ -230,7 +266,19 @@ class ODELayer(nn.Module):
                              f"time is not supported")
         return np.ascontiguousarray(tev)
 
+    def __reduce__(self):
+        if self.ode is None:
+            raise TypeError(f"the ODE layer {self.layout['name']!r} was built without its ODE and cannot be "
+                            f"pickled; build it with implicit_compiler.compile(ode, ...)")
+        return _rebuild, (self.ode, dataclasses.asdict(self.options))
+
     def forward(self, x0, *params, t_eval=None, return_info: bool = False):
+        if _functorch_active is not None and _functorch_active():
+            raise ImplicitCompilerError(
+                f"torch.func transforms (vmap, grad, jacrev, jvp, ...) of the ODE layer {self.layout['name']!r} are "
+                f"not supported: call it with the batch (x0 of shape (B, n), parameters with a batch dimension) "
+                f"and differentiate with loss.backward() or torch.autograd.grad"
+            )
         groups = self.param_groups
         if len(params) != len(groups):
             names = ", ".join(g["name"] for g in groups) or "none"
