@@ -443,7 +443,7 @@ def pattern_to_dense(J, D, tab):
 
 @njit(cache=True)
 def equilibrate_pattern(n, A, rmax, cmax, tab):
-    """:func:`equilibrate` for pattern storage: the same scales and norm, O(nnz)."""
+    """:func:`equilibrate` for pattern storage: the same scales and norm (to rounding), O(nnz)."""
     nv = tab[PT_NV]
     rowo = _pt(tab, PT_ROWO, nv)
     colo = _pt(tab, PT_COLO, nv)
@@ -461,10 +461,20 @@ def equilibrate_pattern(n, A, rmax, cmax, tab):
         if not m < np.inf:
             return -1.0
         rmax[i] = m if m > 0.0 else 1.0
+    # Multiplications by the reciprocal scales instead of a division per stored entry (two per
+    # entry: the largest cost of the status check of a large sparse system), unless a scale is
+    # so small that its reciprocal overflows (then the divisions, as in :func:`equilibrate`).
+    inv = np.empty(n)
+    recip = True
+    for i in range(n):
+        inv[i] = 1.0 / rmax[i]
+        if not inv[i] < np.inf:
+            recip = False
     for q in range(nv):
         a = v[q]
         if a != 0.0:
-            t = abs(a) / rmax[rowo[q]]
+            r = rowo[q]
+            t = abs(a) * inv[r] if recip else abs(a) / rmax[r]
             c = colo[q]
             if t > cmax[c]:
                 cmax[c] = t
@@ -472,11 +482,23 @@ def equilibrate_pattern(n, A, rmax, cmax, tab):
         if not cmax[j] > 0.0:
             cmax[j] = 1.0
     sums = np.zeros(n)
-    for q in range(nv):
-        a = v[q]
-        if a != 0.0:
-            c = colo[q]
-            sums[c] += abs(a) / (rmax[rowo[q]] * cmax[c])
+    cinv = np.empty(n)
+    for j in range(n):
+        cinv[j] = 1.0 / cmax[j]
+        if not cinv[j] < np.inf:
+            recip = False
+    if recip:
+        for q in range(nv):
+            a = v[q]
+            if a != 0.0:
+                c = colo[q]
+                sums[c] += abs(a) * inv[rowo[q]] * cinv[c]
+    else:
+        for q in range(nv):
+            a = v[q]
+            if a != 0.0:
+                c = colo[q]
+                sums[c] += abs(a) / (rmax[rowo[q]] * cmax[c])
     norm = 0.0
     for j in range(n):
         if sums[j] > norm:
