@@ -34,6 +34,7 @@ import sympy as sp
 
 from .._version import __version__
 from ..errors import SystemDefinitionError
+from . import emit_small
 from .printer import NumbaPrinter
 
 INDENT = "    "
@@ -876,7 +877,7 @@ def emit_module(derivation, layout: dict, key: str, options: dict | None = None,
                   if any(line.startswith(f"_fn_{k} =") for sec in sections[:2] for line in sec))
     if use_scalar_kernels(d):
         # Small dense systems: Newton and the VJP with the per-sample state in scalars.
-        out.append("\n".join(_kernels_scalar(d, layout["param_groups"])) + "\n")
+        out.append("\n".join(emit_small.kernels_scalar(d, layout["param_groups"])) + "\n")
         out.append(_SCALAR_PARALLEL)
         kinds = ["fixed_point", "trust_region"] if root_finding else []
     else:

@@ -191,9 +191,8 @@ def pattern_factor(J, piv, tab):
     if piv[n] == PIV_NEEDS_DENSE:  # sticky: the sample is re-solved with room for dense factors
         return 0.0
     v = J[0]
-    minp = pattern_lu_factor(n, v, tab[tab[PT_RPTR]:tab[PT_RPTR] + n + 1], tab[tab[PT_DIAG]:tab[PT_DIAG] + n],
-                             tab[tab[PT_LCPTR]:tab[PT_LCPTR] + n + 1], tab[tab[PT_LCPOS]:],
-                             tab[tab[PT_UPTR]:tab[PT_UPTR] + n + 1], tab[tab[PT_UPD]:], tab[PT_THRESHOLD] * 1e-9)
+    minp = pattern_lu_factor(n, v, tab, tab[PT_RPTR], tab[PT_DIAG], tab[PT_LCPTR], tab[PT_LCPOS], tab[PT_UPTR],
+                             tab[PT_UPD], tab[PT_THRESHOLD] * 1e-9)
     if minp < 0.0:
         return pattern_factor_dense(J, piv, tab)
     piv[n] = PIV_SPARSE
@@ -221,25 +220,24 @@ def _pattern_solve(J, piv, b, tab, transpose):
             b[i] = np.nan
         return
     v = J[0]
-    nv = tab[PT_NV]
-    rptr = tab[tab[PT_RPTR]:tab[PT_RPTR] + n + 1]
-    col = tab[tab[PT_COL]:tab[PT_COL] + nv]
-    diag = tab[tab[PT_DIAG]:tab[PT_DIAG] + n]
+    rp = tab[PT_RPTR]
+    cp = tab[PT_COL]
+    dp = tab[PT_DIAG]
     if tab[PT_PERMUTED]:
-        perm = tab[tab[PT_PERM]:tab[PT_PERM] + n]
+        pp = tab[PT_PERM]
         x = np.empty(n)
         for k in range(n):
-            x[k] = b[perm[k]]
+            x[k] = b[tab[pp + k]]
         if transpose:
-            pattern_lu_solve_transpose(n, v, x, rptr, col, diag)
+            pattern_lu_solve_transpose(n, v, x, tab, rp, cp, dp)
         else:
-            pattern_lu_solve(n, v, x, rptr, col, diag)
+            pattern_lu_solve(n, v, x, tab, rp, cp, dp)
         for k in range(n):
-            b[perm[k]] = x[k]
+            b[tab[pp + k]] = x[k]
     elif transpose:
-        pattern_lu_solve_transpose(n, v, b, rptr, col, diag)
+        pattern_lu_solve_transpose(n, v, b, tab, rp, cp, dp)
     else:
-        pattern_lu_solve(n, v, b, rptr, col, diag)
+        pattern_lu_solve(n, v, b, tab, rp, cp, dp)
 
 
 @njit(cache=True, error_model="numpy")

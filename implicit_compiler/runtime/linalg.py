@@ -343,21 +343,30 @@ def dense_area(J, n):
     return J.reshape(J.size)[J.size - n * n:].reshape((n, n))
 
 
-@njit(cache=True)
-def pattern_lu_factor(n, v, rptr, diag, lcptr, lcpos, uptr, upd, threshold):
+# The elimination and the solves read the pattern from ``tab`` at the offsets of its header
+# (``tab[rp + i]`` is ``rptr[i]``, ...) instead of taking slices of it, and are inlined into
+# their callers: every slice, and every array argument of a call that is not inlined, costs an
+# atomic reference-count increment and decrement (measured: a sixth of a Bratu-50 solve's
+# time, the condition estimate at y* calling the solve a dozen times).
+
+
+@njit(cache=True, inline="always")
+def pattern_lu_factor(n, v, tab, rp, dp, lcp, lcq, up, ud, threshold):
     """Right-looking elimination in place over the filled pattern (values ``v``), no pivoting;
     leaves L (unit diagonal) below, U above and ``1 / U[k, k]`` on the diagonal. Returns
     ``min_k |U[k, k]|``, or -1.0 when a pivot fails
-    ``|pivot| >= threshold * max |entries below it|`` (or is 0, or NaN is met)."""
+    ``|pivot| >= threshold * max |entries below it|`` (or is 0, or NaN is met). The pattern:
+    ``rptr = tab[rp:]``, ``diag = tab[dp:]``, ``lcptr = tab[lcp:]``, ``lcpos = tab[lcq:]``,
+    ``uptr = tab[up:]``, ``upd = tab[ud:]`` (see the table header above)."""
     minp = np.inf
     for k in range(n):
-        dk = diag[k]
+        dk = tab[dp + k]
         a = abs(v[dk])
-        lo = lcptr[k]
-        hi = lcptr[k + 1]
+        lo = tab[lcp + k]
+        hi = tab[lcp + k + 1]
         cmax = 0.0
         for t in range(lo, hi):
-            x = abs(v[lcpos[t]])
+            x = abs(v[tab[lcq + t]])
             if not x <= cmax:  # NaN propagates and fails the test below
                 cmax = x
         if not (a > 0.0 and a >= threshold * cmax):
@@ -368,45 +377,48 @@ def pattern_lu_factor(n, v, rptr, diag, lcptr, lcpos, uptr, upd, threshold):
         v[dk] = inv  # the solves multiply by the reciprocal pivot (no division on their dependency chain)
         if hi > lo:
             u0 = dk + 1
-            u1 = rptr[k + 1]
-            w = uptr[k]
+            u1 = tab[rp + k + 1]
+            w = tab[up + k]
             for t in range(lo, hi):
-                p = lcpos[t]
+                p = tab[lcq + t]
                 v[p] *= inv
                 lik = v[p]
                 for q in range(u0, u1):
-                    v[upd[w]] -= lik * v[q]
+                    v[tab[ud + w]] -= lik * v[q]
                     w += 1
     return minp
 
 
-@njit(cache=True)
-def pattern_lu_solve(n, v, x, rptr, col, diag):
-    """``x <- (L U)^{-1} x`` with the factors of :func:`pattern_lu_factor` (permuted numbering)."""
+@njit(cache=True, inline="always")
+def pattern_lu_solve(n, v, x, tab, rp, cp, dp):
+    """``x <- (L U)^{-1} x`` with the factors of :func:`pattern_lu_factor` (permuted numbering);
+    ``rptr = tab[rp:]``, ``col = tab[cp:]``, ``diag = tab[dp:]``."""
     for i in range(n):
         s = x[i]
-        for q in range(rptr[i], diag[i]):
-            s -= v[q] * x[col[q]]
+        for q in range(tab[rp + i], tab[dp + i]):
+            s -= v[q] * x[tab[cp + q]]
         x[i] = s
     for i in range(n - 1, -1, -1):
         s = x[i]
-        for q in range(diag[i] + 1, rptr[i + 1]):
-            s -= v[q] * x[col[q]]
-        x[i] = s * v[diag[i]]
+        d = tab[dp + i]
+        for q in range(d + 1, tab[rp + i + 1]):
+            s -= v[q] * x[tab[cp + q]]
+        x[i] = s * v[d]
 
 
-@njit(cache=True)
-def pattern_lu_solve_transpose(n, v, x, rptr, col, diag):
+@njit(cache=True, inline="always")
+def pattern_lu_solve_transpose(n, v, x, tab, rp, cp, dp):
     """``x <- (L U)^{-T} x`` (``U^T`` then ``L^T``, column by column)."""
     for i in range(n):
-        xi = x[i] * v[diag[i]]
+        d = tab[dp + i]
+        xi = x[i] * v[d]
         x[i] = xi
-        for q in range(diag[i] + 1, rptr[i + 1]):
-            x[col[q]] -= v[q] * xi
+        for q in range(d + 1, tab[rp + i + 1]):
+            x[tab[cp + q]] -= v[q] * xi
     for i in range(n - 1, -1, -1):
         xi = x[i]
-        for q in range(rptr[i], diag[i]):
-            x[col[q]] -= v[q] * xi
+        for q in range(tab[rp + i], tab[dp + i]):
+            x[tab[cp + q]] -= v[q] * xi
 
 
 @njit(cache=True, inline="always")
@@ -431,7 +443,7 @@ def pattern_to_dense(J, D, tab):
 
 @njit(cache=True)
 def equilibrate_pattern(n, A, rmax, cmax, tab):
-    """:func:`equilibrate` for pattern storage: the same scales and norm, O(nnz)."""
+    """:func:`equilibrate` for pattern storage: the same scales and norm (to rounding), O(nnz)."""
     nv = tab[PT_NV]
     rowo = _pt(tab, PT_ROWO, nv)
     colo = _pt(tab, PT_COLO, nv)
@@ -449,10 +461,20 @@ def equilibrate_pattern(n, A, rmax, cmax, tab):
         if not m < np.inf:
             return -1.0
         rmax[i] = m if m > 0.0 else 1.0
+    # Multiplications by the reciprocal scales instead of a division per stored entry (two per
+    # entry: the largest cost of the status check of a large sparse system), unless a scale is
+    # so small that its reciprocal overflows (then the divisions, as in :func:`equilibrate`).
+    inv = np.empty(n)
+    recip = True
+    for i in range(n):
+        inv[i] = 1.0 / rmax[i]
+        if not inv[i] < np.inf:
+            recip = False
     for q in range(nv):
         a = v[q]
         if a != 0.0:
-            t = abs(a) / rmax[rowo[q]]
+            r = rowo[q]
+            t = abs(a) * inv[r] if recip else abs(a) / rmax[r]
             c = colo[q]
             if t > cmax[c]:
                 cmax[c] = t
@@ -460,11 +482,23 @@ def equilibrate_pattern(n, A, rmax, cmax, tab):
         if not cmax[j] > 0.0:
             cmax[j] = 1.0
     sums = np.zeros(n)
-    for q in range(nv):
-        a = v[q]
-        if a != 0.0:
-            c = colo[q]
-            sums[c] += abs(a) / (rmax[rowo[q]] * cmax[c])
+    cinv = np.empty(n)
+    for j in range(n):
+        cinv[j] = 1.0 / cmax[j]
+        if not cinv[j] < np.inf:
+            recip = False
+    if recip:
+        for q in range(nv):
+            a = v[q]
+            if a != 0.0:
+                c = colo[q]
+                sums[c] += abs(a) * inv[rowo[q]] * cinv[c]
+    else:
+        for q in range(nv):
+            a = v[q]
+            if a != 0.0:
+                c = colo[q]
+                sums[c] += abs(a) / (rmax[rowo[q]] * cmax[c])
     norm = 0.0
     for j in range(n):
         if sums[j] > norm:

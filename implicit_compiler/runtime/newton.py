@@ -15,6 +15,10 @@ Iteration, with ``||.||`` the max norm unless marked::
     backtrack t = 1, 1/2, ... until ||F(y_k + t d)||_2^2 <= (1 - 2 c t) ||F(y_k)||_2^2
     y_{k+1} = y_k + t d
 
+The full step's trial evaluates F and J together (``residual_jacobian``): when it is accepted,
+as it is near a root, the next iterate's F and J are already there (one evaluation per
+iteration); a damped step's trials evaluate F only, and J is evaluated once accepted.
+
 On convergence the final step is applied, ``y* = y_k + d``, and F and J are
 evaluated and factored once more at ``y*``: that factorisation is kept in ``J``/``piv``
 for the backward pass, and :func:`solution_status` classifies the point.
@@ -104,9 +108,22 @@ def check_solution(n, min_pivot, J, jpabs, singular_tol):
     return st.CONVERGED
 
 
+# Sums of squares in this range lost nothing to overflow, nor more than 1e-28 of their value
+# to underflow: their square root is the Euclidean norm without the scaling.
+NORM2_SAFE_LO = 1e-280
+NORM2_SAFE_HI = 1e280
+
+
 @njit(cache=True, inline="always")
 def norm2(n, v):
-    """Euclidean norm without overflow or underflow (scaled by the largest entry)."""
+    """Euclidean norm without overflow or underflow: ``sqrt(sum v_i^2)`` when that sum is in
+    ``[NORM2_SAFE_LO, NORM2_SAFE_HI]``, else scaled by the largest entry (no divisions in
+    the common case)."""
+    s = 0.0
+    for i in range(n):
+        s += v[i] * v[i]
+    if s >= NORM2_SAFE_LO and s <= NORM2_SAFE_HI:
+        return np.sqrt(s)
     m = inf_norm(n, v)
     if not (m > 0.0 and m < np.inf):
         return m
@@ -268,7 +285,13 @@ def newton_one(n, m, residual, residual_jacobian, residual_scale, factor, factor
         while t >= MIN_STEP:
             for i in range(n):
                 yt[i] = y[i] + t * d[i]
-            residual(yt, p, Ft, tab)
+            if t == 1.0:
+                # The full step is the one accepted nearly always: evaluate dF/dy there with F,
+                # so that an accepted full step needs no evaluation at the new iterate. (J's
+                # factors at y are not needed any more: d is computed.)
+                residual_jacobian(yt, p, Ft, J, tab)
+            else:
+                residual(yt, p, Ft, tab)
             ft2 = norm2(n, Ft)
             if ft2 <= np.sqrt(1.0 - 2.0 * ARMIJO_C * t) * fn2:  # NaN/inf trial: rejected
                 accepted = True
@@ -294,9 +317,15 @@ def newton_one(n, m, residual, residual_jacobian, residual_scale, factor, factor
             y[i] = yt[i]
         it += 1
         info[0] = it
-        residual_jacobian(y, p, F, J, tab)
+        if t == 1.0:
+            # F and J at y were evaluated by the trial (F finite: it was accepted)
+            for i in range(n):
+                F[i] = Ft[i]
+            fn2 = ft2
+        else:
+            residual_jacobian(y, p, F, J, tab)
+            fn2 = norm2(n, F)
         fnorm = inf_norm(n, F)
         info[1] = fnorm
         if not np.isfinite(fnorm):
             return st.NONFINITE
-        fn2 = norm2(n, F)

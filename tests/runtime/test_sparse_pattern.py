@@ -282,3 +282,51 @@ def test_the_dense_fallback_is_in_the_torch_solve_info(zero_pivot_pair):
     compiled = torch.compile(lambda p, y0: sparse(p, y0=y0, return_info=True)[1].dense_fallback, fullgraph=True,
                              backend="aot_eager")
     assert compiled(p, y0).tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("name", ["bratu", "grid"])
+def test_pattern_equilibration_matches_dense(name, request):
+    """``equilibrate_pattern`` (reciprocal scales, or divisions when a reciprocal overflows)
+    against the dense ``equilibrate`` of the same matrix: scales and norm to rounding, also with
+    a row and a column scaled to subnormal and to huge magnitudes."""
+    from implicit_compiler.runtime.linalg import (
+        PT_COLO,
+        PT_NV,
+        PT_ROWO,
+        equilibrate,
+        equilibrate_pattern,
+        pattern_to_dense,
+    )
+
+    sparse, _ = request.getfixturevalue(name + "_pair")
+    k = sparse.kernels
+    n, tab = k.n, k.tab
+    nv = int(tab[PT_NV])
+    rowo = tab[tab[PT_ROWO]:tab[PT_ROWO] + nv]
+    colo = tab[tab[PT_COLO]:tab[PT_COLO] + nv]
+    rng = np.random.default_rng(3)
+    cases = []
+    for row_scale, col_scale in ((1.0, 1.0), (1e-310, 1.0), (1.0, 1e-311), (1e300, 1e-300), (1e-200, 1e250)):
+        v = rng.normal(size=nv) * 10.0 ** rng.uniform(-3, 3, size=nv)
+        v[rowo == 2] *= row_scale
+        v[colo == n - 2] *= col_scale
+        cases.append(v)
+    zero_row = rng.normal(size=nv)
+    zero_row[rowo == 1] = 0.0
+    cases.append(zero_row)
+    for v in cases:
+        J = np.zeros((1, k.lu_shape[1]))
+        J[0, :nv] = v
+        D = np.zeros((n, n))
+        pattern_to_dense(J, D, tab)
+        r1, c1, r2, c2 = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
+        got = equilibrate_pattern(n, J, r1, c1, tab)
+        ref = equilibrate(n, D.copy(), r2, c2)
+        np.testing.assert_array_equal(r1, r2)
+        np.testing.assert_allclose(c1, c2, rtol=4e-16)
+        np.testing.assert_allclose(got, ref, rtol=1e-14)
+        assert 1.0 - 1e-14 <= got <= n * (1.0 + 1e-14)
+    J = np.zeros((1, k.lu_shape[1]))
+    J[0, :nv] = cases[0]
+    J[0, 5] = np.inf
+    assert equilibrate_pattern(n, J, r1, c1, tab) == -1.0
