@@ -11,7 +11,7 @@ A *family* is such a set of expressions written once, as
 
 Two expressions are put in one family only when a renaming exists that maps one onto the
 other **exactly** (the template with its symbols renamed is compared with the member
-node by node, arguments of ``Add`` and ``Mul`` as multisets; not sampled), and the
+node by node, arguments of ``Add`` and ``Mul`` paired one to one; not sampled), and the
 renaming keeps every symbol inside its own group (an unknown never stands in for a
 parameter, ``Q[i, j]`` never for ``q[i]``). Numbers are part of the shape: a member with
 one coefficient changed is not merged.
@@ -22,8 +22,10 @@ Detection runs in two passes:
    the tree in which a symbol is replaced by its group, and the arguments of ``Add`` and
    ``Mul`` are hashed as a multiset — equal digests are candidates;
 2. an **alignment** of each candidate with the template, walking both trees together to
-   build the renaming (arguments of commutative nodes are paired within equal digests),
-   then the exact check above; a candidate that fails is tried against the next family
+   build the renaming (arguments of commutative nodes are paired within equal digests);
+   an alignment that completes is the exact check above (every node paired with one of
+   the same type and arity, atoms equal, symbols renamed one to one within their groups),
+   so it costs one walk of the member; a candidate that fails is tried against the next family
    with its digest, or starts a family of its own.
 
 Derivatives of a family are those of its template with respect to its slots, scattered by
@@ -161,12 +163,12 @@ def _align(t, m, shapes: _Shapes, ren: dict, used: dict, trail: list) -> bool:
         return True
     if type(t) is not type(m) or len(t.args) != len(m.args):
         return False
-    if not t.args:
-        return t == m
+    if not t.args:  # numbers (floats also by precision), constants
+        return t == m and (not isinstance(t, sp.Float) or t._prec == m._prec)
     if not isinstance(t, (sp.Add, sp.Mul)):
         return all(_align(a, b, shapes, ren, used, trail) for a, b in zip(t.args, m.args))
-    # Commutative: pair arguments with equal digests, greedily (undoing a failed try); the
-    # exact check the caller makes afterwards is what decides membership. When the template
+    # Commutative: pair arguments with equal digests, greedily (undoing a failed try; a wrong
+    # greedy choice can only miss a merge, never make one: every pair is aligned in full). When the template
     # argument holds a symbol already renamed, only member arguments holding that symbol's
     # preimage can pair with it: those are tried alone (looked up in an index, so a sum of
     # k like-shaped terms is paired in O(k), not O(k^2) attempts).
@@ -270,7 +272,6 @@ def find_families(exprs, slots: dict, min_size: int = 2) -> tuple[list[Family], 
     """
     exprs = [sp.sympify(e) for e in exprs]
     shapes = _Shapes(slots)
-    exact: dict = {}
     # per digest: list of [template expr, its slot symbols, members, rows]
     by_digest: dict[str, list] = {}
     order: list[tuple[str, int]] = []
@@ -284,9 +285,11 @@ def find_families(exprs, slots: dict, min_size: int = 2) -> tuple[list[Family], 
                 continue
             if len(ren) != len(fam[1]):
                 continue
+            # A completed alignment is the exact check: every template node was paired with a
+            # member node of the same type and arity (the arguments of Add / Mul one to one),
+            # atoms equal, symbols through the one-to-one renaming within groups: the template
+            # renamed IS the member (tests/derive/test_families.py rebuilds every member).
             inv = {t: s for s, t in ren.items()}
-            if not _renamed_equal(fam[0], e, inv, exact):  # the template renamed IS the member
-                continue
             fam[2].append(i)
             fam[3].append([slots[inv[s]][2] for s in fam[1]])
             placed = True

@@ -16,6 +16,7 @@ import sympy as sp
 from ..errors import StructuralSingularityError
 from .engine import gradient
 from .families import Family, find_families, system_slots
+from .reductions import Reduced, reduce_template
 from .sparsity import Elimination, choose_factorization, csr_pattern, symbolic_elimination
 from .structure import maximum_matching
 
@@ -44,6 +45,8 @@ class FamilyDerivative:
     d_unknowns: tuple[tuple[int, sp.Expr], ...]
     d_params: tuple[tuple[int, sp.Expr], ...]
     residual: sp.Expr  # the template as the user's residual (what the kernels print)
+    # the template with its long sums of like-shaped terms as reductions (inner loops), or None
+    reduced: Reduced | None = None
 
     def entries(self, which: str) -> np.ndarray:
         """``(i, j)`` of the structural non-zeros, one row per (member, derivative slot)."""
@@ -183,12 +186,13 @@ def _slots(system) -> dict:
     return out
 
 
-def derive(system, back=None, families: bool = True) -> Derivation:
+def derive(system, back=None, families: bool = True, reductions: bool = True) -> Derivation:
     """Derive ``system`` (residuals, unknowns, params; groups where it has them).
 
     ``back`` maps every derived expression (e.g. from the real-argument view used for
     differentiation back to SymPy's functions); ``families=False`` derives and emits every
-    residual on its own (the straight-line reference the family path is tested against)."""
+    residual on its own (the straight-line reference the family path is tested against);
+    ``reductions=False`` keeps every family's template whole (no inner loops over its terms)."""
     back = back or (lambda e: e)
     residuals = tuple(system.residuals)
     n = len(residuals)
@@ -205,7 +209,9 @@ def derive(system, back=None, families: bool = True) -> Derivation:
         for k, (kind, e) in enumerate(zip(f.slot_kinds, gradient(f.template, f.slots))):
             if e != 0:
                 (dy if kind == "unknown" else dp).append((k, back(e)))
-        fds.append(FamilyDerivative(family=f, d_unknowns=tuple(dy), d_params=tuple(dp), residual=back(f.template)))
+        red = reduce_template(f.template, f.slots, f.slot_kinds, f.slot_groups, back) if reductions else None
+        fds.append(FamilyDerivative(family=f, d_unknowns=tuple(dy), d_params=tuple(dp), residual=back(f.template),
+                                    reduced=red))
     d = Derivation(residuals=residuals, unknowns=tuple(system.unknowns), params=tuple(system.params),
                    jac_y_single=jac_y, jac_p_single=jac_p, families=tuple(fds), single_rows=tuple(single))
     indptr, indices = d.pattern_csr()
