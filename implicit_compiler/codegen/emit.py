@@ -172,13 +172,13 @@ def reduced_text(red) -> str:
 
 
 def reduced_loop(lp, red, tables, *, namer=None, comment=None, indent=INDENT, value=None, keep=None,
-                 scatter=None, zero=None, zero_slots=(), tail=None, prefix="t") -> list[str]:
+                 scatter=None, zero=None, zero_slots=(), tail=None, op="=", prefix="t") -> list[str]:
     """One family's loop through its reduced template (:mod:`implicit_compiler.derive.reductions`).
 
     Per row: the locals of the slots ``rest`` reads; ``zero(pos, slot)`` for every outer slot
     in ``zero_slots`` (``pos`` the text of its flat position, ``slot`` of its slot index); one
     inner loop per reduction accumulating ``acc_r``; ``value`` (a target, e.g. ``F[i]``)
-    ``= rest``; then, for the slots with ``keep(k)``, ``scatter(pos, slot, expr)`` of
+    ``op`` (``=`` or ``+=``) ``rest``; then, for the slots with ``keep(k)``, ``scatter(pos, slot, expr)`` of
     ``∂rest/∂slot`` and, in a second inner loop per reduction, of ``∂rest/∂acc_r ·
     ∂term/∂slot``; last ``tail(z0, z1)``, lines given the ``tab`` range of ``zero_slots``.
     ``namer(kind, group, var)`` prints a slot whose position is the local ``var`` (default
@@ -234,7 +234,7 @@ def reduced_loop(lp, red, tables, *, namer=None, comment=None, indent=INDENT, va
     body += lines
     at = 0
     if value is not None:
-        body.append(f"{i1}{value} = {outs[0]}")
+        body.append(f"{i1}{value} {op} {outs[0]}")
         at = 1
     body += [f"{i1}{scatter(f's{k}', str(k), o)}" for (k, _), o in zip(dr, outs[at:at + len(dr)])]
     gs = outs[at + len(dr):]

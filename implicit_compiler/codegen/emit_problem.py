@@ -211,6 +211,10 @@ def _sum_lines(expr, target, slots, pmap, tables, index, indent, depth=0):
     for f in fams:
         lp = FamilyLoop(_Rows(f), tables, index + used, label="terms", name=target)
         used += 1
+        if lp.fd.reduced is not None:  # a term y_j (Q y)_j / 2: its inner sum is a reduction
+            out += reduced_loop(lp, lp.fd.reduced, tables, value=target, op="+=", indent=indent,
+                                comment=f"{target} += {reduced_text(lp.fd.reduced)}", prefix=f"o{depth}_")
+            continue
         lines, outs = cse_lines([f.template], lp.smap, indent=indent + INDENT, prefix=f"o{depth}_")
         out += lp.head(indent, comment=f"{target} += {expr_text(f.template)}") + lines
         out += [f"{indent + INDENT}{target} += {outs[0]}"]

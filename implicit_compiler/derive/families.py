@@ -263,6 +263,69 @@ def _undo(ren: dict, used: dict, trail: list, mark: int) -> None:
         used.pop(ren.pop(trail.pop()), None)
 
 
+class _Keys:
+    """Structural keys in one traversal per expression: every node gets an interned integer,
+    equal for two nodes exactly when they are the same tree up to a renaming of symbols within
+    their groups (a symbol in ``slots`` is its (kind, group); other atoms are themselves:
+    free constants with their assumptions, numbers by type and value, floats also by
+    precision), the arguments of ``Add`` / ``Mul`` ordered by key; and the sequence of its
+    slot symbols in that order. Integers are handed out in first-seen order, so they are the
+    same in every process for the same input (no ``hash`` of a string decides anything)."""
+
+    def __init__(self, slots: dict):
+        self.slots = slots
+        self.ids: dict = {}
+        self.memo: dict = {}  # id(node) -> (node, key, symbols); the node keeps its id alive
+
+    def of(self, e) -> tuple[int, tuple]:
+        got = self.memo.get(id(e))
+        if got is not None:
+            return got[1], got[2]
+        args = e.args
+        if not args:
+            info = self.slots.get(e) if isinstance(e, sp.Symbol) else None
+            if info is not None:
+                key, seq = ("S", info[0], info[1]), (e,)
+            elif isinstance(e, sp.Float):
+                key, seq = ("F", e, e._prec), ()
+            else:
+                key, seq = ("A", type(e), e), ()
+        else:
+            kids = [self.of(a) for a in args]
+            if isinstance(e, (sp.Add, sp.Mul)):
+                kids.sort(key=lambda kq: kq[0])  # stable: ties keep SymPy's stored order
+            key = (type(e), tuple(k for k, _ in kids))
+            seq = tuple(x for _, q in kids for x in q) if len(kids) > 1 else kids[0][1]
+        k = self.ids.get(key)
+        if k is None:
+            k = self.ids[key] = len(self.ids)
+        self.memo[id(e)] = (e, k, seq)
+        return k, seq
+
+
+def _positional(template_seq, member_seq) -> dict | None:
+    """The renaming (template symbol -> member symbol) pairing the two symbol sequences of
+    equal structural keys position by position, or None when it is not one to one.
+
+    Equal keys mean the same tree with the same group at every symbol position (``Add`` /
+    ``Mul`` arguments in key order); a one-to-one renaming consistent at every position then
+    makes the template renamed the member itself, exactly. Ties in the key order (two
+    arguments of one shape) can pair the wrong symbols: then the renaming is not consistent,
+    and the caller falls back to :func:`_align`, which searches."""
+    inv: dict = {}
+    ren: dict = {}
+    for t, m in zip(template_seq, member_seq):
+        a = inv.get(t)
+        if a is None:
+            if m in ren:
+                return None
+            inv[t] = m
+            ren[m] = t
+        elif a is not m and a != m:
+            return None
+    return inv
+
+
 def find_families(exprs, slots: dict, min_size: int = 2) -> tuple[list[Family], list[int]]:
     """Group ``exprs`` into families; returns ``(families, singletons)``.
 
@@ -271,36 +334,38 @@ def find_families(exprs, slots: dict, min_size: int = 2) -> tuple[list[Family], 
     members are returned as singletons (indices into ``exprs``, in order).
     """
     exprs = [sp.sympify(e) for e in exprs]
-    shapes = _Shapes(slots)
-    # per digest: list of [template expr, its slot symbols, members, rows]
-    by_digest: dict[str, list] = {}
-    order: list[tuple[str, int]] = []
+    keys = _Keys(slots)
+    shapes = None  # the digests of the searching alignment, built only if needed
+    # per structural key: list of [template expr, its slot symbols, members, rows, symbol sequence]
+    by_key: dict[int, list] = {}
+    order: list[tuple[int, int]] = []
     for i, e in enumerate(exprs):
-        key = shapes.of(e)
-        fams = by_digest.setdefault(key, [])
+        key, seq = keys.of(e)
+        fams = by_key.setdefault(key, [])
         placed = False
         for fam in fams:
-            ren: dict = {}
-            if not _align(fam[0], e, shapes, ren, {}, []):
-                continue
-            if len(ren) != len(fam[1]):
-                continue
-            # A completed alignment is the exact check: every template node was paired with a
-            # member node of the same type and arity (the arguments of Add / Mul one to one),
-            # atoms equal, symbols through the one-to-one renaming within groups: the template
-            # renamed IS the member (tests/derive/test_families.py rebuilds every member).
-            inv = {t: s for s, t in ren.items()}
+            inv = _positional(fam[4], seq)
+            if inv is None:
+                # A completed alignment is the exact check too: every template node paired
+                # with a member node of the same type and arity (the arguments of Add / Mul
+                # one to one), atoms equal, symbols through the one-to-one renaming within
+                # groups (tests/derive/test_families.py rebuilds every member).
+                shapes = shapes or _Shapes(slots)
+                ren: dict = {}
+                if not _align(fam[0], e, shapes, ren, {}, []) or len(ren) != len(fam[1]):
+                    continue
+                inv = {t: s for s, t in ren.items()}
             fam[2].append(i)
             fam[3].append([slots[inv[s]][2] for s in fam[1]])
             placed = True
             break
         if not placed:
-            syms = sorted((s for s in e.free_symbols if s in slots), key=lambda s: (slots[s][0], slots[s][2]))
-            fams.append([e, tuple(syms), [i], [[slots[s][2] for s in syms]]])
+            syms = sorted(set(seq), key=lambda s: (slots[s][0], slots[s][2]))
+            fams.append([e, tuple(syms), [i], [[slots[s][2] for s in syms]], seq])
             order.append((key, len(fams) - 1))
     families, singletons = [], []
     for key, f in order:
-        template, syms, members, rows = by_digest[key][f]
+        template, syms, members, rows, _ = by_key[key][f]
         if len(members) < min_size:
             singletons.extend(members)
             continue

@@ -317,3 +317,31 @@ def test_reduced_rows_in_pattern_storage_agree_with_straight_line(tmp_path_facto
     np.testing.assert_allclose(out[0][0].numpy(), out[1][0].numpy(), rtol=1e-12, atol=1e-13)
     for a_, c in zip(out[0][1], out[1][1]):
         np.testing.assert_allclose(a_.numpy(), c.numpy(), rtol=1e-11, atol=1e-12)
+
+
+# ---------------------------------------------------------------- family detection by structural keys
+
+def test_every_member_is_its_template_renamed_by_its_row():
+    """Detection pairs symbols position by position under equal structural keys (falling back
+    to the searching alignment): rebuilding every member from its template and row gives the
+    member itself, on systems with ties between like-shaped arguments."""
+    from implicit_compiler.derive.families import find_families, system_slots
+    from tests.derive.test_families import bratu, grid_ncut
+
+    u = sp.symbols("u0:14")
+    # u_i u_{i+1} + u_{i+1} u_{i+2}: two arguments of one shape, in a name-dependent stored order
+    chain = [u[i] * u[i + 1] + u[i + 1] * u[i + 2] ** 2 * 0 + u[i + 1] * u[i + 2] for i in range(12)]
+    chain_slots = {s: ("unknown", "u", j) for j, s in enumerate(u)}
+    cases = [(s.residuals, system_slots(s)) for s in (bratu(30), qp_kkt(5, 4), grid_ncut(3, 4), dense_tanh(9))]
+    cases.append((chain, chain_slots))
+    for exprs, slots in cases:
+        by_pos = {(info[0], info[2]): s for s, info in slots.items()}
+        fams, singles = find_families(exprs, slots)
+        assert fams
+        for f in fams:
+            for r, i in enumerate(f.members):
+                sub = {sl: by_pos[(k, int(p))] for sl, k, p in zip(f.slots, f.slot_kinds, f.table[r])}
+                assert f.template.xreplace(sub) == exprs[i]
+        if exprs is chain:
+            # (row 9, u9 u10 + u10 u11, defeats the greedy pairing of the fallback: left on its own)
+            assert [f.size for f in fams] == [11] and singles == [9]
