@@ -16,17 +16,21 @@ renaming keeps every symbol inside its own group (an unknown never stands in for
 parameter, ``Q[i, j]`` never for ``q[i]``). Numbers are part of the shape: a member with
 one coefficient changed is not merged.
 
-Detection runs in two passes:
+Detection runs in one traversal per expression (:class:`_Keys`):
 
-1. a **shape digest** per expression, invariant under renaming within groups: a hash of
-   the tree in which a symbol is replaced by its group, and the arguments of ``Add`` and
-   ``Mul`` are hashed as a multiset — equal digests are candidates;
-2. an **alignment** of each candidate with the template, walking both trees together to
-   build the renaming (arguments of commutative nodes are paired within equal digests);
-   an alignment that completes is the exact check above (every node paired with one of
-   the same type and arity, atoms equal, symbols renamed one to one within their groups),
-   so it costs one walk of the member; a candidate that fails is tried against the next family
-   with its digest, or starts a family of its own.
+1. a **structural key** per node, invariant under renaming within groups: an integer
+   interned from the node's type and its arguments' keys (``Add`` / ``Mul`` arguments in
+   key order), a symbol standing for its (kind, group), other atoms for themselves; with it,
+   the node's slot symbols in that order. Equal keys are candidates;
+2. the **positional renaming**: template and candidate symbols paired position by
+   position; when that pairing is one to one, the template renamed is the candidate,
+   exactly (:func:`_positional`). Ties in the key order (two arguments of one shape) can
+   pair the wrong symbols; then an **alignment** walks both trees together to build the
+   renaming (arguments of commutative nodes paired within equal shape digests); an
+   alignment that completes is the exact check above (every node paired with one of the
+   same type and arity, atoms equal, symbols renamed one to one within their groups). A
+   candidate that fails both is tried against the next family with its key, or starts a
+   family of its own.
 
 Derivatives of a family are those of its template with respect to its slots, scattered by
 the index table (:meth:`Family.jacobian`), so derivation cost follows the number of

@@ -186,6 +186,28 @@ def _slots(system) -> dict:
     return out
 
 
+def _has_long_sum(expr) -> bool:
+    """Does ``expr`` hold a sum of at least ``REDUCTION_MIN_SIZE`` terms?"""
+    from . import reductions
+
+    stack = [expr]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, sp.Add) and len(e.args) >= reductions.REDUCTION_MIN_SIZE:
+            return True
+        stack.extend(e.args)
+    return False
+
+
+def _single_family(expr, slots: dict, i: int) -> Family:
+    """Residual ``i`` as a family of one member (its own symbols as the slots)."""
+    syms = sorted((s for s in expr.free_symbols if s in slots), key=lambda s: (slots[s][0], slots[s][2]))
+    return Family(template=expr, slots=tuple(syms), slot_kinds=tuple(slots[s][0] for s in syms),
+                  slot_groups=tuple(slots[s][1] for s in syms),
+                  table=np.array([[slots[s][2] for s in syms]], dtype=np.int64).reshape(1, len(syms)),
+                  members=(i,))
+
+
 def derive(system, back=None, families: bool = True, reductions: bool = True) -> Derivation:
     """Derive ``system`` (residuals, unknowns, params; groups where it has them).
 
@@ -198,8 +220,23 @@ def derive(system, back=None, families: bool = True, reductions: bool = True) ->
     n = len(residuals)
     fams: list[Family] = []
     single = list(range(n))
+    reduced: dict[int, Reduced] = {}
     if families and n >= FAMILY_MIN_SIZE:
-        fams, single = find_families(residuals, _slots(system), min_size=FAMILY_MIN_SIZE)
+        slots = _slots(system)
+        fams, single = find_families(residuals, slots, min_size=FAMILY_MIN_SIZE)
+        if reductions:
+            # A residual on its own holding a long sum of like-shaped terms (the normalisation
+            # Σ d_i v_i² of a normalised cut) is a family of one member, printed through its reductions.
+            keep = []
+            for i in single:
+                one = _single_family(residuals[i], slots, i) if _has_long_sum(residuals[i]) else None
+                red = reduce_template(one.template, one.slots, one.slot_kinds, one.slot_groups, back) if one else None
+                if red is None:
+                    keep.append(i)
+                    continue
+                reduced[len(fams)] = red
+                fams.append(one)
+            single = keep
     single_res = [residuals[i] for i in single]
     jac_y = [(single[i], j, back(e)) for i, j, e in sparse_jacobian(single_res, system.unknowns)]
     jac_p = [(single[i], j, back(e)) for i, j, e in sparse_jacobian(single_res, system.params)]
@@ -209,7 +246,9 @@ def derive(system, back=None, families: bool = True, reductions: bool = True) ->
         for k, (kind, e) in enumerate(zip(f.slot_kinds, gradient(f.template, f.slots))):
             if e != 0:
                 (dy if kind == "unknown" else dp).append((k, back(e)))
-        red = reduce_template(f.template, f.slots, f.slot_kinds, f.slot_groups, back) if reductions else None
+        red = reduced.get(len(fds))
+        if red is None and reductions and f.size > 1:
+            red = reduce_template(f.template, f.slots, f.slot_kinds, f.slot_groups, back)
         fds.append(FamilyDerivative(family=f, d_unknowns=tuple(dy), d_params=tuple(dp), residual=back(f.template),
                                     reduced=red))
     d = Derivation(residuals=residuals, unknowns=tuple(system.unknowns), params=tuple(system.params),

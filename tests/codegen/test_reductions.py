@@ -345,3 +345,45 @@ def test_every_member_is_its_template_renamed_by_its_row():
         if exprs is chain:
             # (row 9, u9 u10 + u10 u11, defeats the greedy pairing of the fallback: left on its own)
             assert [f.size for f in fams] == [11] and singles == [9]
+
+
+def arrow(n=19):
+    """``y_i³ + y_i − a_i z = 0`` (a family) and one row ``Σ_i b_i y_i² + z − 1 = 0`` on its own,
+    whose long sum is a reduction: a residual outside every family printed as a family of one."""
+    y = sp.symbols(f"y0:{n}")
+    z = sp.Symbol("z")
+    a = sp.symbols(f"a0:{n}")
+    b = sp.symbols(f"b0:{n}")
+    res = [y[i] ** 3 + y[i] - a[i] * z for i in range(n)]
+    res.append(sum(b[i] * y[i] ** 2 for i in range(n)) + z - 1)
+    return ic.ResidualSystem(residuals=res, unknowns={"y": list(y), "z": z}, params={"a": list(a), "b": list(b)})
+
+
+def test_a_single_row_with_a_long_sum_is_reduced_and_agrees(tmp_path_factory):
+    n = 19
+    red = _compile(arrow, tmp_path_factory.mktemp("red"))
+    straight = _compile(arrow, tmp_path_factory.mktemp("straight"), families=False)
+    d = red.system.derivation
+    assert d.single_rows == ()
+    sizes = sorted(fd.family.size for fd in d.families)
+    assert sizes == [1, n]
+    (one,) = [fd for fd in d.families if fd.family.size == 1]
+    assert [r.size for r in one.reduced.reductions] == [n]
+    assert _inner_loops(_source(red), "residual") == 1
+    g = torch.Generator().manual_seed(6)
+    a = 0.5 + torch.rand(3, n, generator=g, dtype=torch.float64)
+    b = 0.5 + torch.rand(3, n, generator=g, dtype=torch.float64)
+    out = []
+    for layer in (red, straight):
+        a_, b_ = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        y = torch.cat([t.reshape(t.shape[0], -1) for t in layer(a_, b_)], dim=1)  # (y, z)
+        assert bool(torch.isfinite(y).all())
+        out.append((y.detach(), torch.autograd.grad((y * torch.arange(n + 1, dtype=torch.float64)).sum(), (a_, b_))))
+    np.testing.assert_allclose(out[0][0].numpy(), out[1][0].numpy(), rtol=1e-12, atol=1e-13)
+    for x, c in zip(out[0][1], out[1][1]):
+        np.testing.assert_allclose(x.numpy(), c.numpy(), rtol=1e-11, atol=1e-12)
+    # the solution satisfies the system
+    s = arrow(n)
+    for k in range(3):
+        sub = dict(zip(s.unknowns, out[0][0][k].numpy())) | dict(zip(s.params, np.concatenate([a[k], b[k]])))
+        assert max(abs(float(r.xreplace(sub))) for r in s.residuals) <= 1e-10
