@@ -186,14 +186,17 @@ def _slots(system) -> dict:
     return out
 
 
-def _has_long_sum(expr) -> bool:
-    """Does ``expr`` hold a sum of at least ``REDUCTION_MIN_SIZE`` terms?"""
-    from . import reductions
+# A residual outside every family is printed as a family of one (through its reductions) when
+# it holds a sum of at least this many terms; shorter rows stay straight-line.
+SINGLE_REDUCTION_MIN_TERMS = 32
 
+
+def _has_long_sum(expr) -> bool:
+    """Does ``expr`` hold a sum of at least ``SINGLE_REDUCTION_MIN_TERMS`` terms?"""
     stack = [expr]
     while stack:
         e = stack.pop()
-        if isinstance(e, sp.Add) and len(e.args) >= reductions.REDUCTION_MIN_SIZE:
+        if isinstance(e, sp.Add) and len(e.args) >= SINGLE_REDUCTION_MIN_TERMS:
             return True
         stack.extend(e.args)
     return False
@@ -225,8 +228,8 @@ def derive(system, back=None, families: bool = True, reductions: bool = True) ->
         slots = _slots(system)
         fams, single = find_families(residuals, slots, min_size=FAMILY_MIN_SIZE)
         if reductions:
-            # A residual on its own holding a long sum of like-shaped terms (the normalisation
-            # Σ d_i v_i² of a normalised cut) is a family of one member, printed through its reductions.
+            # A residual on its own holding a long sum (the normalisation Σ d_i v_i² of a
+            # normalised cut) is a family of one member, printed through its reductions.
             keep = []
             for i in single:
                 one = _single_family(residuals[i], slots, i) if _has_long_sum(residuals[i]) else None
