@@ -188,7 +188,7 @@ def _slots(system) -> dict:
 
 # A residual outside every family is printed as a family of one (through its reductions) when
 # it holds a sum of at least this many terms; shorter rows stay straight-line.
-SINGLE_REDUCTION_MIN_TERMS = 32
+SINGLE_REDUCTION_MIN_TERMS = 64
 
 
 def _has_long_sum(expr) -> bool:

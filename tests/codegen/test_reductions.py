@@ -350,7 +350,7 @@ def test_every_member_is_its_template_renamed_by_its_row():
             assert [f.size for f in fams] == [11] and singles == [9]
 
 
-def arrow(n=33):
+def arrow(n=65):
     """``y_i³ + y_i − a_i z = 0`` (a family) and one row ``Σ_i b_i y_i² + z − 1 = 0`` on its own,
     whose long sum is a reduction: a residual outside every family printed as a family of one."""
     y = sp.symbols(f"y0:{n}")
@@ -363,7 +363,7 @@ def arrow(n=33):
 
 
 def test_a_single_row_with_a_long_sum_is_reduced_and_agrees(tmp_path_factory):
-    n = 33  # (a single row is printed through reductions from 32 terms on)
+    n = 65  # (a single row is printed through reductions from 64 terms on)
     red = _compile(arrow, tmp_path_factory.mktemp("red"))
     straight = _compile(arrow, tmp_path_factory.mktemp("straight"), families=False)
     d = red.system.derivation
