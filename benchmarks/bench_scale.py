@@ -99,13 +99,14 @@ def build(spec):
         for (a, b), s in w.items():
             nb.setdefault(a, []).append((b, s))
             nb.setdefault(b, []).append((a, s))
-        res, norm = [], 0
+        res, norm = [], []
         for r in range(k):
             for c in range(k):
                 d = sum(s for _, s in nb[(r, c)])
                 res.append(sum(s * (v[r][c] - v[b[0]][b[1]]) for b, s in nb[(r, c)]) - lam * d * v[r][c])
-                norm += d * v[r][c] ** 2
-        res.append(norm - 1)
+                norm.append(d * v[r][c] ** 2)
+        # (one Add of all terms: ``norm += term`` rebuilds the growing sum, quadratic in k²)
+        res.append(sp.Add(*norm) - 1)
         params = {"wh": [w[(r, c), (r, c + 1)] for r in range(k) for c in range(k - 1)],
                   "wv": [w[(r, c), (r + 1, c)] for r in range(k - 1) for c in range(k)]}
         return ic.ResidualSystem(res, unknowns={"v": [s for row in v for s in row], "lam": lam}, params=params)

@@ -116,8 +116,9 @@ class FamilyLoop:
                      for k, (s, kind) in enumerate(zip(f.slots, f.slot_kinds))}
         self.text = expr_text(fd.residual)
 
-    def head(self, indent: str = INDENT, comment=None) -> list[str]:
-        """The loop's first lines; ``comment`` replaces ``F[i] = template`` in the heading comment."""
+    def head(self, indent: str = INDENT, comment=None, slots=None) -> list[str]:
+        """The loop's first lines; ``comment`` replaces ``F[i] = template`` in the heading comment;
+        ``slots``: the slot indices read into locals (default all)."""
         f = self.fd.family
         i1 = indent + INDENT
         shown = f"{self.name}[i] = {self.text}" if comment is None else comment
@@ -125,8 +126,130 @@ class FamilyLoop:
                f"{indent}for r in range({self.rows}):",
                f"{i1}k = {self.offset} + {self.width} * r",
                f"{i1}i = tab[k]"]
-        out += [f"{i1}s{k} = tab[k + {k + 1}]" for k in range(len(f.slots))]
+        ks = range(len(f.slots)) if slots is None else sorted(slots)
+        out += [f"{i1}s{k} = tab[k + {k + 1}]" for k in ks]
         return out
+
+    def keep(self, kind: str, exclude_groups=()):
+        """Predicate on slot indices: slots of ``kind`` outside ``exclude_groups``."""
+        f = self.fd.family
+        return lambda k: f.slot_kinds[k] == kind and f.slot_groups[k] not in exclude_groups
+
+    def reduced_for(self, keep, full) -> object:
+        """The family's reduced template when its derivative contributions (slots ``keep``)
+        reach exactly the slots ``full`` of the template's own derivative; else None (the
+        whole template is printed)."""
+        red = self.fd.reduced
+        if red is None:
+            return None
+        if keep is not None and red.contributing(keep) != set(full):
+            return None
+        return red
+
+
+def _default_namer(kind, group, var):
+    return f"y[{var}]" if kind == "unknown" else f"p[{var}]"
+
+
+def _reduction_offsets(lp, red, tables) -> list[int]:
+    """Offsets in ``tab`` of the inner tables of ``red`` (added once per module)."""
+    cache = tables.__dict__.setdefault("_reductions", {})
+    got = cache.get(id(red))
+    if got is None:
+        offs = []
+        for r in red.reductions:
+            cols = ", ".join(f"slot of a{j}" for j in range(len(r.syms)))
+            offs.append(tables.add(f"family {lp.index}: reduction {r.acc.name} of {r.size} terms "
+                                   f"{expr_text(r.term)}, rows ({cols})", r.table)[0])
+        got = cache[id(red)] = (red, offs)
+    return got[1]
+
+
+def reduced_text(red) -> str:
+    """``rest`` and its accumulators, for comments: ``acc0 + q0 + ..., acc0 = sum of 99 terms Q1*y1/2``."""
+    parts = [expr_text(red.rest, 300)]
+    parts += [f"{r.acc.name} = sum of {r.size} terms {expr_text(r.term, 200)}" for r in red.reductions]
+    return "; ".join(parts)
+
+
+def reduced_loop(lp, red, tables, *, namer=None, comment=None, indent=INDENT, value=None, keep=None,
+                 scatter=None, zero=None, zero_slots=(), tail=None, op="=", prefix="t") -> list[str]:
+    """One family's loop through its reduced template (:mod:`implicit_compiler.derive.reductions`).
+
+    Per row: the locals of the slots ``rest`` reads; ``zero(pos, slot)`` for every outer slot
+    in ``zero_slots`` (``pos`` the text of its flat position, ``slot`` of its slot index); one
+    inner loop per reduction accumulating ``acc_r``; ``value`` (a target, e.g. ``F[i]``)
+    ``op`` (``=`` or ``+=``) ``rest``; then, for the slots with ``keep(k)``, ``scatter(pos, slot, expr)`` of
+    ``∂rest/∂slot`` and, in a second inner loop per reduction, of ``∂rest/∂acc_r ·
+    ∂term/∂slot``; last ``tail(z0, z1)``, lines given the ``tab`` range of ``zero_slots``.
+    ``namer(kind, group, var)`` prints a slot whose position is the local ``var`` (default
+    ``y[var]`` / ``p[var]``)."""
+    f = lp.fd.family
+    namer = namer or _default_namer
+    i1, i2 = indent + INDENT, indent + 2 * INDENT
+    offs = _reduction_offsets(lp, red, tables)
+    smap = {s: namer(f.slot_kinds[k], f.slot_groups[k], f"s{k}") for k, s in enumerate(f.slots)}
+    accs = {r.acc: f"acc{j}" for j, r in enumerate(red.reductions)}
+    smap.update(accs)
+    dr = [(k, e) for k, e in red.d_rest if keep is not None and keep(k)]
+    dterms = []  # (reduction index, [(term slot, expr)])
+    if keep is not None:
+        for j, (r, g) in enumerate(zip(red.reductions, red.d_acc)):
+            if g == 0:
+                continue
+            # the kinds and groups of a term slot are those of the outer slot in every row
+            dt = [(jj, e) for jj, e in r.d_term if keep(int(r.table[0, jj]))]
+            if dt:
+                dterms.append((j, dt))
+    outer = [red.rest] if value is not None else []
+    outer += [e for _, e in dr] + [red.d_acc[j] for j, _ in dterms]
+    free = set().union(*(e.free_symbols for e in outer)) if outer else set()
+    used = {k for k, s in enumerate(f.slots) if s in free} | {k for k, _ in dr}
+    if comment is None:
+        comment = f"{lp.name}[i] = " + reduced_text(red)
+    body = lp.head(indent, comment=comment, slots=used)
+    z0 = z1 = 0
+    if zero_slots:
+        z0, z1 = tables.add(f"family {lp.index}: slots whose entries start at zero in each row",
+                            np.asarray(sorted(zero_slots), dtype=np.int64))
+        body += [f"{i1}for q in range({z0}, {z1}):", f"{i2}{zero('tab[k + 1 + tab[q]]', 'tab[q]')}"]
+
+    def inner(j, exprs_of, emit):
+        r = red.reductions[j]
+        w = len(r.syms)
+        tfree = set().union(*(e.free_symbols for e in exprs_of))
+        lines = [f"{i1}for e in range({r.size}):", f"{i2}m = {offs[j]} + {w} * e"]
+        tmap = {}
+        for jj, s in enumerate(r.syms):
+            tmap[s] = namer(r.kinds[jj], r.groups[jj], f"a{jj}")
+            if s in tfree or jj in emit:
+                lines.append(f"{i2}a{jj} = tab[k + 1 + tab[m + {jj}]]")
+        cl, outs = cse_lines(exprs_of, tmap, indent=i2, prefix=f"{prefix}{j}_")
+        return lines + cl, outs
+
+    if value is not None or any(a in free for a in accs):
+        for j, r in enumerate(red.reductions):
+            lines, outs = inner(j, [r.term], ())
+            body += [f"{i1}acc{j} = 0.0"] + lines + [f"{i2}acc{j} += {outs[0]}"]
+    lines, outs = cse_lines(outer, smap, indent=i1, prefix=prefix)
+    body += lines
+    at = 0
+    if value is not None:
+        body.append(f"{i1}{value} {op} {outs[0]}")
+        at = 1
+    body += [f"{i1}{scatter(f's{k}', str(k), o)}" for (k, _), o in zip(dr, outs[at:at + len(dr)])]
+    gs = outs[at + len(dr):]
+    for (j, dt), g in zip(dterms, gs):
+        one = red.d_acc[j] == 1
+        if not one:
+            body.append(f"{i1}g{j} = {g}")
+        lines, touts = inner(j, [e for _, e in dt], {jj for jj, _ in dt})
+        body += lines
+        body += [f"{i2}{scatter(f'a{jj}', f'tab[m + {jj}]', o if one else f'g{j} * ({o})')}"
+                 for (jj, _), o in zip(dt, touts)]
+    if tail is not None:
+        body += tail(z0, z1)
+    return body
 
 
 def _loops(d, tables) -> list[FamilyLoop]:
@@ -143,6 +266,9 @@ def _kernel_residual(d, smap, tables=None):
     lines, outs = cse_lines([d.residuals[i] for i in rows], smap)
     body = lines + [f"{INDENT}F[{i}] = {o}" for i, o in zip(rows, outs)]
     for lp in _loops(d, tables):
+        if lp.fd.reduced is not None:
+            body += reduced_loop(lp, lp.fd.reduced, tables, value="F[i]")
+            continue
         lines, outs = cse_lines([lp.fd.residual], lp.smap, indent=INDENT * 2)
         body += lp.head() + lines + [f"{INDENT * 2}F[i] = {outs[0]}"]
     return [_decorator("RESIDUAL"), "def residual(y, p, F, tab):", *(body or [f"{INDENT}pass"])]
@@ -178,6 +304,14 @@ def _kernel_residual_jacobian(d, smap, tables=None, pattern: bool = False):
     body += [f"{INDENT}J[{i}, {j}] = {o}" for (i, j, _), o in zip(jac, outs[len(rows):])]
     for lp in _loops(d, tables):
         dy = lp.fd.d_unknowns
+        keep = lp.keep("unknown")
+        red = lp.reduced_for(keep, [k for k, _ in dy])
+        if red is not None:
+            # contributions of the rest and of every term add up: the row's entries start at zero
+            body += reduced_loop(lp, red, tables, value="F[i]", keep=keep, zero_slots=[k for k, _ in dy],
+                                 zero=lambda pos, o: f"J[i, {pos}] = 0.0",
+                                 scatter=lambda pos, o, e: f"J[i, {pos}] += {e}")
+            continue
         lines, outs = cse_lines([lp.fd.residual] + [e for _, e in dy], lp.smap, indent=INDENT * 2)
         body += lp.head() + lines + [f"{INDENT * 2}F[i] = {outs[0]}"]
         body += [f"{INDENT * 2}J[i, s{k}] = {o}" for (k, _), o in zip(dy, outs[1:])]
@@ -212,6 +346,22 @@ def _kernel_residual_jacobian_pattern(d, smap, tables):
              for (i, j, _), q, o in zip(jac, single_pos, outs[len(rows):])]
     for lp, pos in zip(loops, fam_pos):
         dy = lp.fd.d_unknowns
+        keep = lp.keep("unknown")
+        red = lp.reduced_for(keep, [k for k, _ in dy])
+        if red is not None and dy:
+            # storage positions by (row, slot index): the terms name their slot by index
+            f = lp.fd.family
+            w = len(f.slots)
+            by_slot = np.full((f.size, w), -1, dtype=np.int64)
+            by_slot[:, [k for k, _ in dy]] = pos.reshape(f.size, len(dy))
+            a, _ = tables.add(f"family {lp.index}: storage positions of its dF/dy entries by slot", by_slot)
+            def at(o, a=a, w=w):
+                return f"J[0, tab[{a} + {w} * r + {o}]]"
+
+            body += reduced_loop(lp, red, tables, value="F[i]", keep=keep, zero_slots=[k for k, _ in dy],
+                                 zero=lambda pos, o, at=at: f"{at(o)} = 0.0",
+                                 scatter=lambda pos, o, e, at=at: f"{at(o)} += {e}")
+            continue
         lines, outs = cse_lines([lp.fd.residual] + [x for _, x in dy], lp.smap, indent=INDENT * 2)
         body += lp.head() + lines + [f"{INDENT * 2}F[i] = {outs[0]}"]
         if dy:
@@ -231,11 +381,29 @@ def _kernel_residual_scale(d, smap, tables=None):
     for (i, j, _), o in zip(jac, outs):
         rows[i].append(f"abs({o}) * abs(y[{j}])")
     body = list(lines) + [f"{INDENT}S[{i}] = {' + '.join(t) if t else '0.0'}" for i, t in rows.items()]
+    scratch = False
     for lp in _loops(d, tables):
         dy = lp.fd.d_unknowns
+        keep = lp.keep("unknown")
+        red = lp.reduced_for(keep, [k for k, _ in dy])
+        if red is not None and dy:
+            # the entries of the row are sums of contributions: added up in a scratch row w first
+            scratch = True
+
+            def tail(z0, z1):
+                i2, i3 = INDENT * 2, INDENT * 3
+                return [f"{i2}S[i] = 0.0", f"{i2}for q in range({z0}, {z1}):",
+                        f"{i3}c = tab[k + 1 + tab[q]]", f"{i3}S[i] += abs(w[c]) * abs(y[c])"]
+
+            body += reduced_loop(lp, red, tables, keep=keep, zero_slots=[k for k, _ in dy],
+                                 zero=lambda pos, o: f"w[{pos}] = 0.0",
+                                 scatter=lambda pos, o, e: f"w[{pos}] += {e}", tail=tail)
+            continue
         lines, outs = cse_lines([e for _, e in dy], lp.smap, indent=INDENT * 2)
         terms = [f"abs({o}) * abs(y[s{k}])" for (k, _), o in zip(dy, outs)]
         body += lp.head() + lines + [f"{INDENT * 2}S[i] = {' + '.join(terms) if terms else '0.0'}"]
+    if scratch:
+        body.insert(0, f"{INDENT}w = np.zeros({d.n})")
     return head + (body or [f"{INDENT}pass"])
 
 
@@ -288,6 +456,10 @@ def _kernel_vjp_params(d, smap, param_groups, tables=None):
         for lp in loops:
             f = lp.fd.family
             dp = lp.fd.d_params
+            reduced = _vjp_reduced(lp, dp, names, tables)
+            if reduced is not None:
+                body += reduced
+                continue
             lines, outs = cse_lines([e for _, e in dp], lp.smap, indent=INDENT * 2)
             body += lp.head() + lines
             # one branch per parameter group (not per entry: a 250-slot row would hold 250 branches)
@@ -301,6 +473,30 @@ def _kernel_vjp_params(d, smap, param_groups, tables=None):
     if not body:
         body = [f"{INDENT}pass"]
     return [_decorator("VJP_PARAMS"), "def vjp_params(y, p, v, need, out, tab):", *body]
+
+
+def _vjp_reduced(lp, dp, names, tables) -> list[str] | None:
+    """A family's part of ``vjp_params`` through its reduced template: per parameter group
+    ``g`` (by name) a loop ``out[slot] -= v[i] * ∂F/∂slot`` under ``if need[g]``; None when
+    the family has no reduced form fitting every group (then the whole template is printed)."""
+    f = lp.fd.family
+    if lp.fd.reduced is None:
+        return None
+    groups = sorted({f.slot_groups[k] for k, _ in dp})
+    if any(g not in names for g in groups):
+        return None
+    parts = []
+    for g in groups:
+        def keep(k, g=g):
+            return f.slot_kinds[k] == "param" and f.slot_groups[k] == g
+
+        red = lp.reduced_for(keep, [k for k, _ in dp if f.slot_groups[k] == g])
+        if red is None:
+            return None
+        parts += [f"{INDENT}if need[{names.index(g)}]:  # parameter group {g!r}"]
+        parts += reduced_loop(lp, red, tables, keep=keep, indent=INDENT * 2,
+                              scatter=lambda pos, o, e: f"out[{pos}] -= v[i] * ({e})")
+    return parts
 
 
 def _compressed(mask: np.ndarray, by_rows: bool):
@@ -783,7 +979,7 @@ class Tables:
             lines.append("TABLES = np.zeros(0, dtype=np.int64)")
             return "\n".join(lines) + "\n"
         blob = np.concatenate([a for _, _, a in self.parts]).astype("<i8").tobytes()
-        text = base64.b64encode(zlib.compress(blob, 9)).decode("ascii")
+        text = base64.b64encode(zlib.compress(blob, 6)).decode("ascii")  # (level 9: 20x slower, 0.2 % smaller)
         lines.append("TABLES = _tables(")
         lines += [f"    {text[i:i + 96]!r}" for i in range(0, len(text), 96)]
         lines.append(f"    , {self.size})")

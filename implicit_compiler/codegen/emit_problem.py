@@ -19,7 +19,18 @@ import sympy as sp
 from ..derive import jacobians
 from ..derive.engine import gradient
 from ..derive.families import find_families
-from .emit import INDENT, FamilyLoop, _loops, cse_lines, driver_bindings, emit_module, expr_text
+from ..derive.reductions import reduce_template
+from .emit import (
+    INDENT,
+    FamilyLoop,
+    _loops,
+    cse_lines,
+    driver_bindings,
+    emit_module,
+    expr_text,
+    reduced_loop,
+    reduced_text,
+)
 from .printer import NumbaPrinter
 
 
@@ -119,6 +130,7 @@ class _Rows:
     def __init__(self, family):
         self.family = family
         self.residual = family.template
+        self.reduced = reduce_template(family.template, family.slots, family.slot_kinds, family.slot_groups)
 
 
 def _constraint_block(exprs, name, jname, rows, n, slots, pmap, tables, index, body):
@@ -149,6 +161,12 @@ def _constraint_block(exprs, name, jname, rows, n, slots, pmap, tables, index, b
     body += [f"{INDENT}{name}[{i}] = {o}" for i, o in zip(single, outs)]
     body += [f"{INDENT}{jname}[{i}, {j}] = {o}" for (i, j, _), o in zip(jac, outs[len(single):])]
     for lp, ds in loops:
+        red = lp.reduced_for(lp.keep("unknown"), [k for k, _ in ds])
+        if red is not None:
+            body += reduced_loop(lp, red, tables, value=f"{name}[i]", keep=lp.keep("unknown"),
+                                 zero_slots=[k for k, _ in ds], zero=lambda pos, o: f"{jname}[i, {pos}] = 0.0",
+                                 scatter=lambda pos, o, e: f"{jname}[i, {pos}] += {e}")
+            continue
         lines, outs = cse_lines([lp.fd.residual] + [e for _, e in ds], lp.smap, indent=INDENT * 2)
         body += lp.head() + lines + [f"{INDENT * 2}{name}[i] = {outs[0]}"]
         body += [f"{INDENT * 2}{jname}[i, s{k}] = {o}" for (k, _), o in zip(ds, outs[1:])]
@@ -193,6 +211,10 @@ def _sum_lines(expr, target, slots, pmap, tables, index, indent, depth=0):
     for f in fams:
         lp = FamilyLoop(_Rows(f), tables, index + used, label="terms", name=target)
         used += 1
+        if lp.fd.reduced is not None:  # a term y_j (Q y)_j / 2: its inner sum is a reduction
+            out += reduced_loop(lp, lp.fd.reduced, tables, value=target, op="+=", indent=indent,
+                                comment=f"{target} += {reduced_text(lp.fd.reduced)}", prefix=f"o{depth}_")
+            continue
         lines, outs = cse_lines([f.template], lp.smap, indent=indent + INDENT, prefix=f"o{depth}_")
         out += lp.head(indent, comment=f"{target} += {expr_text(f.template)}") + lines
         out += [f"{indent + INDENT}{target} += {outs[0]}"]
@@ -226,6 +248,11 @@ def _family_sections(problem, d, tables) -> list[list[str]] | None:
     lines, outs = cse_lines(grad, pmap, prefix="dt")
     body += lines + [f"{INDENT}gradf[{i}] = {o}" for i, o in zip(rows, outs)]
     for lp in stat_loops:
+        if lp.fd.reduced is not None:
+            red = lp.fd.reduced.substitute(zero)
+            body += reduced_loop(lp, red, tables, value="gradf[i]", prefix="dt",
+                                 comment=f"gradf[i] = {reduced_text(red)}")
+            continue
         e = lp.fd.residual.xreplace(zero)
         lines, outs = cse_lines([e], lp.smap, indent=INDENT * 2)
         body += lp.head(comment=f"gradf[i] = {expr_text(e)}") + lines + [f"{INDENT * 2}gradf[i] = {outs[0]}"]
@@ -254,6 +281,21 @@ def _family_sections(problem, d, tables) -> list[list[str]] | None:
             if s in mult or g in ("lam", "nu"):
                 smap[s] = f"lam[s{k} - {n}]" if g == "lam" else f"nu[s{k} - {n + q}]"
         ds = [(k, e) for k, e in lp.fd.d_unknowns if f.slot_groups[k] not in ("lam", "nu")]
+        keep = lp.keep("unknown", exclude_groups=("lam", "nu"))
+        red = lp.reduced_for(keep, [k for k, _ in ds])
+        if red is not None:
+            def namer(kind, group, var):
+                if group == "lam":
+                    return f"lam[{var} - {n}]"
+                if group == "nu":
+                    return f"nu[{var} - {n + q}]"
+                return f"y[{var}]" if kind == "unknown" else f"p[{var}]"
+
+            hb += reduced_loop(lp, red, tables, namer=namer, keep=keep, zero_slots=[k for k, _ in ds],
+                               comment=f"H[i, :] = d/dy of {lp.text[:300]}", prefix="ht",
+                               zero=lambda pos, o: f"H[i, {pos}] = 0.0",
+                               scatter=lambda pos, o, e: f"H[i, {pos}] += {e}")
+            continue
         lines, outs = cse_lines([e for _, e in ds], smap, indent=INDENT * 2)
         hb += lp.head(comment=f"H[i, :] = d/dy of {lp.text}") + lines
         hb += [f"{INDENT * 2}H[i, s{k}] = {o}" for (k, _), o in zip(ds, outs)]

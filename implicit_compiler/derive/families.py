@@ -11,20 +11,26 @@ A *family* is such a set of expressions written once, as
 
 Two expressions are put in one family only when a renaming exists that maps one onto the
 other **exactly** (the template with its symbols renamed is compared with the member
-node by node, arguments of ``Add`` and ``Mul`` as multisets; not sampled), and the
+node by node, arguments of ``Add`` and ``Mul`` paired one to one; not sampled), and the
 renaming keeps every symbol inside its own group (an unknown never stands in for a
 parameter, ``Q[i, j]`` never for ``q[i]``). Numbers are part of the shape: a member with
 one coefficient changed is not merged.
 
-Detection runs in two passes:
+Detection runs in one traversal per expression (:class:`_Keys`):
 
-1. a **shape digest** per expression, invariant under renaming within groups: a hash of
-   the tree in which a symbol is replaced by its group, and the arguments of ``Add`` and
-   ``Mul`` are hashed as a multiset — equal digests are candidates;
-2. an **alignment** of each candidate with the template, walking both trees together to
-   build the renaming (arguments of commutative nodes are paired within equal digests),
-   then the exact check above; a candidate that fails is tried against the next family
-   with its digest, or starts a family of its own.
+1. a **structural key** per node, invariant under renaming within groups: an integer
+   interned from the node's type and its arguments' keys (``Add`` / ``Mul`` arguments in
+   key order), a symbol standing for its (kind, group), other atoms for themselves; with it,
+   the node's slot symbols in that order. Equal keys are candidates;
+2. the **positional renaming**: template and candidate symbols paired position by
+   position; when that pairing is one to one, the template renamed is the candidate,
+   exactly (:func:`_positional`). Ties in the key order (two arguments of one shape) can
+   pair the wrong symbols; then an **alignment** walks both trees together to build the
+   renaming (arguments of commutative nodes paired within equal shape digests); an
+   alignment that completes is the exact check above (every node paired with one of the
+   same type and arity, atoms equal, symbols renamed one to one within their groups). A
+   candidate that fails both is tried against the next family with its key, or starts a
+   family of its own.
 
 Derivatives of a family are those of its template with respect to its slots, scattered by
 the index table (:meth:`Family.jacobian`), so derivation cost follows the number of
@@ -161,12 +167,12 @@ def _align(t, m, shapes: _Shapes, ren: dict, used: dict, trail: list) -> bool:
         return True
     if type(t) is not type(m) or len(t.args) != len(m.args):
         return False
-    if not t.args:
-        return t == m
+    if not t.args:  # numbers (floats also by precision), constants
+        return t == m and (not isinstance(t, sp.Float) or t._prec == m._prec)
     if not isinstance(t, (sp.Add, sp.Mul)):
         return all(_align(a, b, shapes, ren, used, trail) for a, b in zip(t.args, m.args))
-    # Commutative: pair arguments with equal digests, greedily (undoing a failed try); the
-    # exact check the caller makes afterwards is what decides membership. When the template
+    # Commutative: pair arguments with equal digests, greedily (undoing a failed try; a wrong
+    # greedy choice can only miss a merge, never make one: every pair is aligned in full). When the template
     # argument holds a symbol already renamed, only member arguments holding that symbol's
     # preimage can pair with it: those are tried alone (looked up in an index, so a sum of
     # k like-shaped terms is paired in O(k), not O(k^2) attempts).
@@ -261,6 +267,69 @@ def _undo(ren: dict, used: dict, trail: list, mark: int) -> None:
         used.pop(ren.pop(trail.pop()), None)
 
 
+class _Keys:
+    """Structural keys in one traversal per expression: every node gets an interned integer,
+    equal for two nodes exactly when they are the same tree up to a renaming of symbols within
+    their groups (a symbol in ``slots`` is its (kind, group); other atoms are themselves:
+    free constants with their assumptions, numbers by type and value, floats also by
+    precision), the arguments of ``Add`` / ``Mul`` ordered by key; and the sequence of its
+    slot symbols in that order. Integers are handed out in first-seen order, so they are the
+    same in every process for the same input (no ``hash`` of a string decides anything)."""
+
+    def __init__(self, slots: dict):
+        self.slots = slots
+        self.ids: dict = {}
+        self.memo: dict = {}  # id(node) -> (node, key, symbols); the node keeps its id alive
+
+    def of(self, e) -> tuple[int, tuple]:
+        got = self.memo.get(id(e))
+        if got is not None:
+            return got[1], got[2]
+        args = e.args
+        if not args:
+            info = self.slots.get(e) if isinstance(e, sp.Symbol) else None
+            if info is not None:
+                key, seq = ("S", info[0], info[1]), (e,)
+            elif isinstance(e, sp.Float):
+                key, seq = ("F", e, e._prec), ()
+            else:
+                key, seq = ("A", type(e), e), ()
+        else:
+            kids = [self.of(a) for a in args]
+            if isinstance(e, (sp.Add, sp.Mul)):
+                kids.sort(key=lambda kq: kq[0])  # stable: ties keep SymPy's stored order
+            key = (type(e), tuple(k for k, _ in kids))
+            seq = tuple(x for _, q in kids for x in q) if len(kids) > 1 else kids[0][1]
+        k = self.ids.get(key)
+        if k is None:
+            k = self.ids[key] = len(self.ids)
+        self.memo[id(e)] = (e, k, seq)
+        return k, seq
+
+
+def _positional(template_seq, member_seq) -> dict | None:
+    """The renaming (template symbol -> member symbol) pairing the two symbol sequences of
+    equal structural keys position by position, or None when it is not one to one.
+
+    Equal keys mean the same tree with the same group at every symbol position (``Add`` /
+    ``Mul`` arguments in key order); a one-to-one renaming consistent at every position then
+    makes the template renamed the member itself, exactly. Ties in the key order (two
+    arguments of one shape) can pair the wrong symbols: then the renaming is not consistent,
+    and the caller falls back to :func:`_align`, which searches."""
+    inv: dict = {}
+    ren: dict = {}
+    for t, m in zip(template_seq, member_seq):
+        a = inv.get(t)
+        if a is None:
+            if m in ren:
+                return None
+            inv[t] = m
+            ren[m] = t
+        elif a is not m and a != m:
+            return None
+    return inv
+
+
 def find_families(exprs, slots: dict, min_size: int = 2) -> tuple[list[Family], list[int]]:
     """Group ``exprs`` into families; returns ``(families, singletons)``.
 
@@ -269,35 +338,38 @@ def find_families(exprs, slots: dict, min_size: int = 2) -> tuple[list[Family], 
     members are returned as singletons (indices into ``exprs``, in order).
     """
     exprs = [sp.sympify(e) for e in exprs]
-    shapes = _Shapes(slots)
-    exact: dict = {}
-    # per digest: list of [template expr, its slot symbols, members, rows]
-    by_digest: dict[str, list] = {}
-    order: list[tuple[str, int]] = []
+    keys = _Keys(slots)
+    shapes = None  # the digests of the searching alignment, built only if needed
+    # per structural key: list of [template expr, its slot symbols, members, rows, symbol sequence]
+    by_key: dict[int, list] = {}
+    order: list[tuple[int, int]] = []
     for i, e in enumerate(exprs):
-        key = shapes.of(e)
-        fams = by_digest.setdefault(key, [])
+        key, seq = keys.of(e)
+        fams = by_key.setdefault(key, [])
         placed = False
         for fam in fams:
-            ren: dict = {}
-            if not _align(fam[0], e, shapes, ren, {}, []):
-                continue
-            if len(ren) != len(fam[1]):
-                continue
-            inv = {t: s for s, t in ren.items()}
-            if not _renamed_equal(fam[0], e, inv, exact):  # the template renamed IS the member
-                continue
+            inv = _positional(fam[4], seq)
+            if inv is None:
+                # A completed alignment is the exact check too: every template node paired
+                # with a member node of the same type and arity (the arguments of Add / Mul
+                # one to one), atoms equal, symbols through the one-to-one renaming within
+                # groups (tests/derive/test_families.py rebuilds every member).
+                shapes = shapes or _Shapes(slots)
+                ren: dict = {}
+                if not _align(fam[0], e, shapes, ren, {}, []) or len(ren) != len(fam[1]):
+                    continue
+                inv = {t: s for s, t in ren.items()}
             fam[2].append(i)
             fam[3].append([slots[inv[s]][2] for s in fam[1]])
             placed = True
             break
         if not placed:
-            syms = sorted((s for s in e.free_symbols if s in slots), key=lambda s: (slots[s][0], slots[s][2]))
-            fams.append([e, tuple(syms), [i], [[slots[s][2] for s in syms]]])
+            syms = sorted(set(seq), key=lambda s: (slots[s][0], slots[s][2]))
+            fams.append([e, tuple(syms), [i], [[slots[s][2] for s in syms]], seq])
             order.append((key, len(fams) - 1))
     families, singletons = [], []
     for key, f in order:
-        template, syms, members, rows = by_digest[key][f]
+        template, syms, members, rows, _ = by_key[key][f]
         if len(members) < min_size:
             singletons.extend(members)
             continue

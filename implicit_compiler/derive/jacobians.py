@@ -16,6 +16,7 @@ import sympy as sp
 from ..errors import StructuralSingularityError
 from .engine import gradient
 from .families import Family, find_families, system_slots
+from .reductions import Reduced, reduce_template
 from .sparsity import Elimination, choose_factorization, csr_pattern, symbolic_elimination
 from .structure import maximum_matching
 
@@ -44,6 +45,8 @@ class FamilyDerivative:
     d_unknowns: tuple[tuple[int, sp.Expr], ...]
     d_params: tuple[tuple[int, sp.Expr], ...]
     residual: sp.Expr  # the template as the user's residual (what the kernels print)
+    # the template with its long sums of like-shaped terms as reductions (inner loops), or None
+    reduced: Reduced | None = None
 
     def entries(self, which: str) -> np.ndarray:
         """``(i, j)`` of the structural non-zeros, one row per (member, derivative slot)."""
@@ -183,19 +186,60 @@ def _slots(system) -> dict:
     return out
 
 
-def derive(system, back=None, families: bool = True) -> Derivation:
+# A residual outside every family is printed as a family of one (through its reductions) when
+# it holds a sum of at least this many terms; shorter rows stay straight-line.
+SINGLE_REDUCTION_MIN_TERMS = 64
+
+
+def _has_long_sum(expr) -> bool:
+    """Does ``expr`` hold a sum of at least ``SINGLE_REDUCTION_MIN_TERMS`` terms?"""
+    stack = [expr]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, sp.Add) and len(e.args) >= SINGLE_REDUCTION_MIN_TERMS:
+            return True
+        stack.extend(e.args)
+    return False
+
+
+def _single_family(expr, slots: dict, i: int) -> Family:
+    """Residual ``i`` as a family of one member (its own symbols as the slots)."""
+    syms = sorted((s for s in expr.free_symbols if s in slots), key=lambda s: (slots[s][0], slots[s][2]))
+    return Family(template=expr, slots=tuple(syms), slot_kinds=tuple(slots[s][0] for s in syms),
+                  slot_groups=tuple(slots[s][1] for s in syms),
+                  table=np.array([[slots[s][2] for s in syms]], dtype=np.int64).reshape(1, len(syms)),
+                  members=(i,))
+
+
+def derive(system, back=None, families: bool = True, reductions: bool = True) -> Derivation:
     """Derive ``system`` (residuals, unknowns, params; groups where it has them).
 
     ``back`` maps every derived expression (e.g. from the real-argument view used for
     differentiation back to SymPy's functions); ``families=False`` derives and emits every
-    residual on its own (the straight-line reference the family path is tested against)."""
+    residual on its own (the straight-line reference the family path is tested against);
+    ``reductions=False`` keeps every family's template whole (no inner loops over its terms)."""
     back = back or (lambda e: e)
     residuals = tuple(system.residuals)
     n = len(residuals)
     fams: list[Family] = []
     single = list(range(n))
+    reduced: dict[int, Reduced] = {}
     if families and n >= FAMILY_MIN_SIZE:
-        fams, single = find_families(residuals, _slots(system), min_size=FAMILY_MIN_SIZE)
+        slots = _slots(system)
+        fams, single = find_families(residuals, slots, min_size=FAMILY_MIN_SIZE)
+        if reductions:
+            # A residual on its own holding a long sum (the normalisation Σ d_i v_i² of a
+            # normalised cut) is a family of one member, printed through its reductions.
+            keep = []
+            for i in single:
+                one = _single_family(residuals[i], slots, i) if _has_long_sum(residuals[i]) else None
+                red = reduce_template(one.template, one.slots, one.slot_kinds, one.slot_groups, back) if one else None
+                if red is None:
+                    keep.append(i)
+                    continue
+                reduced[len(fams)] = red
+                fams.append(one)
+            single = keep
     single_res = [residuals[i] for i in single]
     jac_y = [(single[i], j, back(e)) for i, j, e in sparse_jacobian(single_res, system.unknowns)]
     jac_p = [(single[i], j, back(e)) for i, j, e in sparse_jacobian(single_res, system.params)]
@@ -205,7 +249,11 @@ def derive(system, back=None, families: bool = True) -> Derivation:
         for k, (kind, e) in enumerate(zip(f.slot_kinds, gradient(f.template, f.slots))):
             if e != 0:
                 (dy if kind == "unknown" else dp).append((k, back(e)))
-        fds.append(FamilyDerivative(family=f, d_unknowns=tuple(dy), d_params=tuple(dp), residual=back(f.template)))
+        red = reduced.get(len(fds))
+        if red is None and reductions and f.size > 1:
+            red = reduce_template(f.template, f.slots, f.slot_kinds, f.slot_groups, back)
+        fds.append(FamilyDerivative(family=f, d_unknowns=tuple(dy), d_params=tuple(dp), residual=back(f.template),
+                                    reduced=red))
     d = Derivation(residuals=residuals, unknowns=tuple(system.unknowns), params=tuple(system.params),
                    jac_y_single=jac_y, jac_p_single=jac_p, families=tuple(fds), single_rows=tuple(single))
     indptr, indices = d.pattern_csr()
