@@ -35,9 +35,8 @@ def set_ode_compiler(compile_ode) -> None:
 
 def _rebuild(ode, options: dict):
     """Unpickling an :class:`ODELayer`: compile its ODE again (the kernel cache usually has the
-    module; otherwise it is generated from the ODE)."""
-    if _ODE_COMPILER is None:
-        import implicit_compiler  # noqa: F401  (registers the compiler)
+    module; otherwise it is generated from the ODE). Importing this module imports the package,
+    whose ``compiler`` registers itself (:func:`set_ode_compiler`)."""
     return _ODE_COMPILER(ode, warmup=False, **options)
 
 
