@@ -332,15 +332,15 @@ class ImplicitLayer(torch.nn.Module):
         B, _ = batch_size(groups, tensors, "parameter group")
         if y0 is not None and not isinstance(y0, torch.Tensor):
             y0 = torch.from_numpy(self._initial(y0, B))  # a dict by group, an array or a list
-        top = unwrap_vmap_level((*tensors, y0))
-        if top is not None:
-            return self._vmapped(top, return_info)
         meta = self._meta
         k = len(meta[1])
         if eager_call():
             outs = EagerImplicitFunction.apply(self._token, meta, return_info, y0, *tensors)
             info = outs[k:k + 4] if return_info else None
         else:
+            top = unwrap_vmap_level((*tensors, y0))  # a vmap level only exists under torch.func
+            if top is not None:
+                return self._vmapped(top, return_info)
             if torch.compiler.is_compiling():
                 outs = CompilableImplicitFunction.apply(self._token, meta, y0, *tensors)
             else:
