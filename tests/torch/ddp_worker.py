@@ -1,6 +1,13 @@
-"""Worker of tests/torch/test_ddp.py: a model with an implicit layer trained under DDP (gloo)."""
+"""Worker of tests/torch/test_ddp.py: a model with an implicit layer trained under DDP (gloo).
 
-import os
+Run as ``python -m tests.torch.ddp_worker RANK WORLD STORE_FILE OUT``. The ranks meet through a
+``FileStore`` (no TCP store server whose thread could outlive a peer), and tear down in a fixed
+order: the model and optimizer are released, all ranks pass a barrier, then the process group is
+destroyed. ``faulthandler`` prints every thread's Python stack if the process aborts.
+"""
+
+import faulthandler
+import gc
 import sys
 
 import numpy as np
@@ -44,10 +51,9 @@ def data():
     return X, target
 
 
-def main(rank: int, world: int, port: str, out: str, steps: int = 3):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = port
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def main(rank: int, world: int, store_file: str, out: str, steps: int = 3):
+    faulthandler.enable()
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(Wrapped(build_model()))
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
@@ -63,8 +69,12 @@ def main(rank: int, world: int, port: str, out: str, steps: int = 3):
             opt.step()
         if rank == 0:
             torch.save(torch.stack(grads), out)
+        del ddp, opt
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    print(f"rank {rank}: done", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 single-process gradients of a model containing an implicit layer."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +12,6 @@ import torch
 from tests.torch import ddp_worker
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _single_process_grads(steps=3):
@@ -39,22 +32,25 @@ def _single_process_grads(steps=3):
 @pytest.mark.slow
 def test_ddp_gradients_equal_single_process(tmp_path):
     out = tmp_path / "grads.pt"
-    port = _free_port()
+    store = tmp_path / "store"  # the ranks' FileStore
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     # Fresh interpreters (not fork): each rank imports numba and loads the kernels from the cache.
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.torch.ddp_worker", str(r), "2", port, str(out)],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=600)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log
+    # Each rank writes its own log file (a pipe left unread while the other rank is waited for could fill).
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    procs = []
+    for r, log in enumerate(logs):
+        with open(log, "w") as fh:
+            procs.append(subprocess.Popen([sys.executable, "-m", "tests.torch.ddp_worker", str(r), "2", str(store),
+                                           str(out)], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    report = "\n".join(f"--- rank {r}: exit code {c}\n{log.read_text()}" for r, (c, log) in
+                       enumerate(zip(codes, logs)))
+    assert codes == [0, 0], report
     ddp = torch.load(out)
     ref = _single_process_grads()
     # Each rank averages its half-batch loss and DDP averages over ranks: the full-batch mean.
