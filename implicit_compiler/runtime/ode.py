@@ -46,11 +46,15 @@ from .linalg import lu_factor, lu_solve, lu_solve_transpose
 from .status import ODE_MAX_STEPS, ODE_NEWTON_FAILED, ODE_NONFINITE_STATE, ODE_STEP_UNDERFLOW
 
 # row layout of the step store: t_n, h_n, output index reached at the end of the step (or -1),
-# then the s stage values X_1..X_s (n each); x_n is X_1 - Z_1 and is not needed
+# then the s stage values X_1..X_s (n each); x_n is X_1 - Z_1 and is not needed. With
+# checkpointing every K steps a row holds the head and how the stages were solved
+# (CKPT_HEAD: + 1 if df/dx was evaluated at x_n, + 2 if by full Newton), and CKPT[b, k // K] what
+# the forward had at the start of every K-th step (see _store_checkpoint): 2n + sn + 4 numbers.
 STORE_HEAD = 3
+CKPT_HEAD = 4
 
 # integer options (IOPT) and float options (FOPT)
-I_ADAPTIVE, I_IMPLICIT, I_ERR_KIND, I_ERR_ROW, I_MAX_STEPS, I_STORE = range(6)
+I_ADAPTIVE, I_IMPLICIT, I_ERR_KIND, I_ERR_ROW, I_MAX_STEPS, I_STORE, I_CHECKPOINT = range(7)
 F_RTOL, F_ATOL, F_H0, F_DT, F_EXPONENT, F_HMAX = range(6)
 
 _SAFETY = 0.9
@@ -102,13 +106,34 @@ def _stage_values(residual, t, h, x, p, A, cc, Z, X, K, n, s, tab):
 
 
 @njit(cache=True, error_model="numpy")
-def _newton(residual, residual_jacobian, t, h, x, p, A, cc, Z, X, K, M, piv, J, JS, d, sc, tol, maxit, full,
-            Zp, hp, extrap, n, s, tab):
-    """Solve the stage equations for Z; M (and piv) must hold the factored iteration matrix
-    unless ``full``. Starts from Z = 0, or with ``extrap`` from the previous step's collocation
-    polynomial (stage increments ``Zp`` of a step of size ``hp``; Radau, whose nodes are distinct
-    and end at 1). Returns (converged, iterations, rate)."""
-    sn = s * n
+def _explicit_stages(residual, t, h, x, p, A, cc, Z, X, K, n, s, tab):
+    """The stages of an explicit method, in order (X, K and the increments Z = X - x)."""
+    for j in range(s):
+        for i in range(n):
+            acc = x[i]
+            for q in range(j):
+                acc += h * A[j, q] * K[q, i]
+            X[j, i] = acc
+        p[0] = t + cc[j] * h
+        residual(X[j], p, K[j], tab)
+    for j in range(s):
+        for i in range(n):
+            Z[j, i] = X[j, i] - x[i]
+
+
+@njit(cache=True, error_model="numpy")
+def _stage_tolerance(adaptive, rtol):
+    """The simplified-Newton tolerance of the stage solve, in the weighted RMS norm (the adaptive
+    methods' rule of Hairer & Wanner's RADAU5; the fixed-step methods' rtol/atol are this tolerance)."""
+    if adaptive:
+        return max(10.0 * _EPS / rtol, min(0.03, math.sqrt(rtol)))
+    return 1.0
+
+
+@njit(cache=True, error_model="numpy")
+def _initial_stages(Z, Zp, h, hp, cc, extrap, n, s):
+    """Newton's starting stage increments: zero, or with ``extrap`` the previous step's collocation
+    polynomial (increments ``Zp`` of a step of size ``hp``) extrapolated to this step (Radau)."""
     if extrap:
         for j in range(s):
             tau = 1.0 + cc[j] * h / hp
@@ -126,6 +151,17 @@ def _newton(residual, residual_jacobian, t, h, x, p, A, cc, Z, X, K, M, piv, J, 
         for j in range(s):
             for i in range(n):
                 Z[j, i] = 0.0
+
+
+@njit(cache=True, error_model="numpy")
+def _newton(residual, residual_jacobian, t, h, x, p, A, cc, Z, X, K, M, piv, J, JS, d, sc, tol, maxit, full,
+            Zp, hp, extrap, n, s, tab):
+    """Solve the stage equations for Z; M (and piv) must hold the factored iteration matrix
+    unless ``full``. Starts from Z = 0, or with ``extrap`` from the previous step's collocation
+    polynomial (stage increments ``Zp`` of a step of size ``hp``; Radau, whose nodes are distinct
+    and end at 1). Returns (converged, iterations, rate)."""
+    sn = s * n
+    _initial_stages(Z, Zp, h, hp, cc, extrap, n, s)
     dn_old = 0.0
     rate = -1.0
     for it in range(maxit):
@@ -177,6 +213,29 @@ def _newton(residual, residual_jacobian, t, h, x, p, A, cc, Z, X, K, M, piv, J, 
 
 
 @njit(cache=True, error_model="numpy")
+def _store_checkpoint(crow, x, xJ, tJ, have_J, Zp, hp, have_prev, n, s):
+    """What the forward had at the start of a step (layout: ``_ckpt_width``): its state, the point
+    ``(tJ, xJ)`` where it evaluated the df/dx in use, the previous step's stage increments and size,
+    whether there were a Jacobian and a previous step."""
+    for i in range(n):
+        crow[i] = x[i]
+        crow[n + i] = xJ[i]
+    o = 2 * n
+    crow[o] = tJ
+    for j in range(s):
+        for i in range(n):
+            crow[o + 1 + j * n + i] = Zp[j, i]
+    o += 1 + s * n
+    crow[o] = hp
+    crow[o + 1] = 1.0 if have_prev else 0.0
+    crow[o + 2] = 1.0 if have_J else 0.0
+
+
+def _ckpt_width(n: int, s: int) -> int:
+    return 2 * n + s * n + 4
+
+
+@njit(cache=True, error_model="numpy")
 def _store_step(STORE, b, k, t, h, hit, X, n, s):
     row = STORE[b, k]
     row[0] = t
@@ -188,8 +247,8 @@ def _store_step(STORE, b, k, t, h, hit, X, n, s):
 
 
 @njit(cache=True, error_model="numpy")
-def _one_sample(residual, residual_jacobian, b, X0, P, TEV, A, E, cc, IOPT, FOPT, OUT, STORE, NSTEP, INFO, tab,
-                x, xn, p, Z, X, K, M, piv, J, JS, d, sc, E1, piv1, f0, err, tmp, Zp):
+def _one_sample(residual, residual_jacobian, b, X0, P, TEV, A, E, cc, IOPT, FOPT, OUT, STORE, CKPT, NSTEP, INFO,
+                tab, x, xn, p, Z, X, K, M, piv, J, JS, d, sc, E1, piv1, f0, err, tmp, Zp, x_jac):
     n = X0.shape[1]
     s = A.shape[0]
     sn = s * n
@@ -201,6 +260,7 @@ def _one_sample(residual, residual_jacobian, b, X0, P, TEV, A, E, cc, IOPT, FOPT
     err_row = IOPT[I_ERR_ROW]
     max_steps = IOPT[I_MAX_STEPS]
     store = IOPT[I_STORE] != 0
+    ck = IOPT[I_CHECKPOINT]
     cap = STORE.shape[1]
     rtol = FOPT[F_RTOL]
     atol = FOPT[F_ATOL]
@@ -232,10 +292,7 @@ def _one_sample(residual, residual_jacobian, b, X0, P, TEV, A, E, cc, IOPT, FOPT
     naccept = 0
     nreject = 0
     njac = 0
-    if implicit:
-        newton_tol = max(10.0 * _EPS / rtol, min(0.03, math.sqrt(rtol)))
-    else:
-        newton_tol = 0.0
+    newton_tol = _stage_tolerance(adaptive, rtol) if implicit else 0.0
     # ---- step size
     t_end = TEV[tb, T - 1]
     if adaptive:
@@ -273,6 +330,9 @@ def _one_sample(residual, residual_jacobian, b, X0, P, TEV, A, E, cc, IOPT, FOPT
         h = dt
     have_jac = False
     jac_current = False
+    jac_here = False  # df/dx was evaluated at this step's start state (checkpoint replays repeat it)
+    jac_ever = False
+    t_jac = t  # where the df/dx in use was evaluated: (t_jac, x_jac)
     lu_h = math.nan  # step size the factored iteration matrix was built for
     err_prev = 1.0
     h_acc = 1.0  # the last accepted step
@@ -328,6 +388,7 @@ def _one_sample(residual, residual_jacobian, b, X0, P, TEV, A, E, cc, IOPT, FOPT
             ok = True
             nit = 0
             rate = -1.0
+            full_newton = False
             if implicit:
                 # ---- stage solve (simplified Newton), retried once with a fresh Jacobian
                 while True:
@@ -337,6 +398,11 @@ def _one_sample(residual, residual_jacobian, b, X0, P, TEV, A, E, cc, IOPT, FOPT
                         njac += 1
                         have_jac = True
                         jac_current = True
+                        jac_here = True
+                        jac_ever = True
+                        t_jac = t
+                        for i in range(n):
+                            x_jac[i] = x[i]
                         lu_h = math.nan
                     ok = True
                     if lu_h != hstep:
@@ -347,7 +413,7 @@ def _one_sample(residual, residual_jacobian, b, X0, P, TEV, A, E, cc, IOPT, FOPT
                             lu_h = hstep
                     if ok:
                         ok, nit, rate = _newton(residual, residual_jacobian, t, hstep, x, p, A, cc, Z, X, K, M, piv,
-                                                J, JS, d, sc, newton_tol if adaptive else 1.0, _NEWTON_MAXITER,
+                                                J, JS, d, sc, newton_tol, _NEWTON_MAXITER,
                                                 False, Zp, hp, have_prev, n, s, tab)
                     if ok or jac_current:
                         break
@@ -357,6 +423,7 @@ def _one_sample(residual, residual_jacobian, b, X0, P, TEV, A, E, cc, IOPT, FOPT
                     ok, nit, rate = _newton(residual, residual_jacobian, t, hstep, x, p, A, cc, Z, X, K, M, piv, J,
                                             JS, d, sc, 1.0, _FULL_NEWTON_MAXITER, True, Zp, hp, False, n, s, tab)
                     lu_h = math.nan
+                    full_newton = True
                     if not ok:
                         NSTEP[b] = nst
                         INFO[b, 0] = naccept
@@ -370,18 +437,7 @@ def _one_sample(residual, residual_jacobian, b, X0, P, TEV, A, E, cc, IOPT, FOPT
                     rejected_last = True
                     continue
             else:
-                # explicit stages in order
-                for j in range(s):
-                    for i in range(n):
-                        acc = x[i]
-                        for q in range(j):
-                            acc += hstep * A[j, q] * K[q, i]
-                        X[j, i] = acc
-                    p[0] = t + cc[j] * hstep
-                    residual(X[j], p, K[j], tab)
-                for j in range(s):
-                    for i in range(n):
-                        Z[j, i] = X[j, i] - x[i]
+                _explicit_stages(residual, t, hstep, x, p, A, cc, Z, X, K, n, s, tab)
             finite = True
             for i in range(n):
                 xn[i] = X[s - 1, i]
@@ -466,9 +522,19 @@ def _one_sample(residual, residual_jacobian, b, X0, P, TEV, A, E, cc, IOPT, FOPT
                 if nst >= cap:
                     NSTEP[b] = -1  # store full: the caller runs this sample again with a larger store
                     return 0
-                _store_step(STORE, b, nst, t, hstep, hit, X, n, s)
+                if ck > 0:
+                    row = STORE[b, nst]
+                    row[0] = t
+                    row[1] = hstep
+                    row[2] = hit
+                    row[3] = (1.0 if jac_here else 0.0) + (2.0 if full_newton else 0.0)
+                    if nst % ck == 0:
+                        _store_checkpoint(CKPT[b, nst // ck], x, x_jac, t_jac, jac_ever, Zp, hp, have_prev, n, s)
+                else:
+                    _store_step(STORE, b, nst, t, hstep, hit, X, n, s)
             nst += 1
             naccept += 1
+            jac_here = False
             if extrapolate:
                 for j in range(s):
                     for i in range(n):
@@ -527,8 +593,8 @@ def _one_sample(residual, residual_jacobian, b, X0, P, TEV, A, E, cc, IOPT, FOPT
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def drive_ode_range(residual, residual_jacobian, lo, hi, X0, P, TEV, A, E, cc, IOPT, FOPT, OUT, STORE, NSTEP, STATUS,
-                    INFO, tab):
+def drive_ode_range(residual, residual_jacobian, lo, hi, X0, P, TEV, A, E, cc, IOPT, FOPT, OUT, STORE, CKPT, NSTEP,
+                    STATUS, INFO, tab):
     """Integrate samples ``lo..hi-1``; ``OUT[b, k]`` is the state at ``TEV[b or 0, k]``."""
     n = X0.shape[1]
     s = A.shape[0]
@@ -552,26 +618,79 @@ def drive_ode_range(residual, residual_jacobian, lo, hi, X0, P, TEV, A, E, cc, I
     err = np.empty(n)
     tmp = np.empty(n)
     Zp = np.zeros((s, n))
+    x_jac = np.zeros(n)
     for b in range(lo, hi):
-        STATUS[b] = _one_sample(residual, residual_jacobian, b, X0, P, TEV, A, E, cc, IOPT, FOPT, OUT, STORE, NSTEP,
-                                INFO, tab, x, xn, p, Z, X, K, M, piv, J, JS, d, sc, E1, piv1, f0, err, tmp, Zp)
+        STATUS[b] = _one_sample(residual, residual_jacobian, b, X0, P, TEV, A, E, cc, IOPT, FOPT, OUT, STORE, CKPT,
+                                NSTEP, INFO, tab, x, xn, p, Z, X, K, M, piv, J, JS, d, sc, E1, piv1, f0, err, tmp, Zp,
+                                x_jac)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
-def drive_ode_batch_parallel(residual, residual_jacobian, X0, P, TEV, A, E, cc, IOPT, FOPT, OUT, STORE, NSTEP, STATUS,
-                             INFO, tab):
+def drive_ode_batch_parallel(residual, residual_jacobian, X0, P, TEV, A, E, cc, IOPT, FOPT, OUT, STORE, CKPT, NSTEP,
+                             STATUS, INFO, tab):
     B = X0.shape[0]
     # one sample per work item: samples take very different numbers of steps
     for b in prange(B):
-        drive_ode_range(residual, residual_jacobian, b, b + 1, X0, P, TEV, A, E, cc, IOPT, FOPT, OUT, STORE, NSTEP,
-                        STATUS, INFO, tab)
+        drive_ode_range(residual, residual_jacobian, b, b + 1, X0, P, TEV, A, E, cc, IOPT, FOPT, OUT, STORE, CKPT,
+                        NSTEP, STATUS, INFO, tab)
+
+
+@njit(cache=True, error_model="numpy")
+def _adjoint_step(residual_jacobian, vjp_params, X, t, h, p, lam, A, cc, need, cols, PBAR_b, F, JS, M, piv, w, u,
+                  out, J, n, s, tab):
+    """One accepted step in reverse: ``lam`` (the cotangent of ``x_{n+1} = X_s``) becomes the
+    cotangent of ``x_n``, and ``PBAR_b`` gathers the step's ``thetabar``. False when the stage
+    matrix is singular."""
+    sn = s * n
+    m = p.shape[0]
+    for j in range(s):
+        p[0] = t + cc[j] * h
+        residual_jacobian(X[j], p, F, JS[j], tab)
+    _iteration_matrix(M, J, A, h, n, s, True, JS)
+    if lu_factor(sn, M, piv) == 0.0:
+        return False
+    for i in range(sn):
+        w[i] = 0.0
+    for i in range(n):
+        w[(s - 1) * n + i] = lam[i]
+    lu_solve_transpose(sn, M, piv, w)
+    for i in range(n):
+        acc = 0.0
+        for j in range(s):
+            acc += w[j * n + i]
+        lam[i] = acc
+    for j in range(s):
+        nz = False
+        for i in range(n):
+            acc = 0.0
+            for q in range(s):
+                acc += A[q, j] * w[q * n + i]
+            u[i] = h * acc
+            if acc != 0.0:
+                nz = True
+        if nz:
+            p[0] = t + cc[j] * h
+            vjp_params(X[j], p, u, need, out, tab)
+            for c in range(m):
+                if cols[c]:
+                    PBAR_b[c] -= out[c]
+    return True
+
+
+@njit(cache=True, error_model="numpy")
+def _failed_adjoint(XBAR, PBAR, b):
+    for i in range(XBAR.shape[1]):
+        XBAR[b, i] = math.nan
+    for c in range(PBAR.shape[1]):
+        PBAR[b, c] = math.nan
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
 def drive_ode_adjoint_range(residual_jacobian, vjp_params, lo, hi, P, STORE, NSTEP, STATUS, GOUT, A, cc, need, cols,
                             XBAR, PBAR, tab):
     """Reverse sweep over the stored steps: ``XBAR[b]`` and ``PBAR[b]`` (the columns ``cols``
-    marks) from the cotangents ``GOUT[b, k]`` of the outputs, for samples with status 0."""
+    marks) from the cotangents ``GOUT[b, k]`` of the outputs, for samples with status 0; NaN
+    for a sample whose stage matrix is singular at a stored step."""
     n = XBAR.shape[1]
     m = P.shape[1]
     s = A.shape[0]
@@ -598,10 +717,9 @@ def drive_ode_adjoint_range(residual_jacobian, vjp_params, lo, hi, P, STORE, NST
             p[c] = P[b, c]
         for i in range(n):
             lam[i] = 0.0
+        ok = True
         for k in range(NSTEP[b] - 1, -1, -1):
             row = STORE[b, k]
-            t = row[0]
-            h = row[1]
             hit = int(row[2])
             if hit >= 1:
                 for i in range(n):
@@ -609,43 +727,144 @@ def drive_ode_adjoint_range(residual_jacobian, vjp_params, lo, hi, P, STORE, NST
             for j in range(s):
                 for i in range(n):
                     X[j, i] = row[STORE_HEAD + j * n + i]
-                p[0] = t + cc[j] * h
-                residual_jacobian(X[j], p, F, JS[j], tab)
-            _iteration_matrix(M, J, A, h, n, s, True, JS)
-            if lu_factor(sn, M, piv) == 0.0:
-                for i in range(n):
-                    XBAR[b, i] = math.nan
-                for c in range(m):
-                    PBAR[b, c] = math.nan
+            if not _adjoint_step(residual_jacobian, vjp_params, X, row[0], row[1], p, lam, A, cc, need, cols, PBAR[b],
+                                 F, JS, M, piv, w, u, out, J, n, s, tab):
+                ok = False
                 break
-            for i in range(sn):
-                w[i] = 0.0
-            for i in range(n):
-                w[(s - 1) * n + i] = lam[i]
-            lu_solve_transpose(sn, M, piv, w)
-            for i in range(n):
-                acc = 0.0
-                for j in range(s):
-                    acc += w[j * n + i]
-                lam[i] = acc
-            for j in range(s):
-                nz = False
-                for i in range(n):
-                    acc = 0.0
-                    for q in range(s):
-                        acc += A[q, j] * w[q * n + i]
-                    u[i] = h * acc
-                    if acc != 0.0:
-                        nz = True
-                if nz:
-                    p[0] = t + cc[j] * h
-                    vjp_params(X[j], p, u, need, out, tab)
-                    for c in range(m):
-                        if cols[c]:
-                            PBAR[b, c] -= out[c]
-        else:
+        if ok:
             for i in range(n):
                 XBAR[b, i] = lam[i] + GOUT[b, 0, i]
+        else:
+            _failed_adjoint(XBAR, PBAR, b)
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def drive_ode_adjoint_checkpoint_range(residual, residual_jacobian, vjp_params, lo, hi, P, STORE, CKPT, XEND, NSTEP,
+                                       STATUS, GOUT, A, cc, IOPT, FOPT, need, cols, XBAR, PBAR, tab):
+    """The reverse sweep of :func:`drive_ode_adjoint_range` from checkpoints: the segments of
+    ``K = IOPT[I_CHECKPOINT]`` steps are taken last to first; each is integrated again from its
+    checkpoint into a buffer of ``K`` steps, then swept in reverse. The replay repeats the
+    forward's accepted attempts exactly (same step sizes, df/dx evaluated where the forward
+    evaluated it, the same simplified or full Newton iteration from the same start), so its stage
+    values are the forward's, bit for bit; each replayed segment is checked to end exactly where the
+    forward went on (the next checkpoint's state, or ``XEND``, the final state). NaN for a sample
+    whose replay does not, or whose stage matrix is singular."""
+    n = XBAR.shape[1]
+    m = P.shape[1]
+    s = A.shape[0]
+    sn = s * n
+    ck = IOPT[I_CHECKPOINT]
+    implicit = IOPT[I_IMPLICIT] != 0
+    adaptive = IOPT[I_ADAPTIVE] != 0
+    extrapolate = IOPT[I_ERR_KIND] == 3
+    rtol = FOPT[F_RTOL]
+    atol = FOPT[F_ATOL]
+    newton_tol = _stage_tolerance(adaptive, rtol)
+    SEG = np.empty((ck, s, n))
+    p = np.empty(m)
+    lam = np.empty(n)
+    x = np.empty(n)
+    Z = np.empty((s, n))
+    K = np.empty((s, n))
+    F = np.empty(n)
+    J = np.zeros((n, n))
+    JS = np.zeros((s, n, n))
+    M = np.empty((sn, sn))
+    piv = np.empty(sn + 1, dtype=np.int64)
+    d = np.empty(sn)
+    sc = np.empty(n)
+    w = np.empty(sn)
+    u = np.empty(n)
+    out = np.empty(m)
+    Zp = np.zeros((s, n))
+    xJ = np.empty(n)
+    for b in range(lo, hi):
+        for c in range(m):
+            PBAR[b, c] = 0.0
+        if STATUS[b] != 0:
+            for i in range(n):
+                XBAR[b, i] = 0.0
+            continue
+        for c in range(m):
+            p[c] = P[b, c]
+        for i in range(n):
+            lam[i] = 0.0
+        nsteps = NSTEP[b]
+        nseg = (nsteps + ck - 1) // ck
+        ok = True
+        for g in range(nseg - 1, -1, -1):
+            k0 = g * ck
+            k1 = min(k0 + ck, nsteps)
+            crow = CKPT[b, g]
+            for i in range(n):
+                x[i] = crow[i]
+                xJ[i] = crow[n + i]
+            o = 2 * n
+            for j in range(s):
+                for i in range(n):
+                    Zp[j, i] = crow[o + 1 + j * n + i]
+            o += 1 + sn
+            hp = crow[o]
+            have_prev = crow[o + 1] != 0.0
+            if implicit and crow[o + 2] != 0.0:
+                p[0] = crow[2 * n]
+                residual_jacobian(xJ, p, F, J, tab)  # the df/dx the forward had in use
+            for k in range(k0, k1):
+                t = STORE[b, k, 0]
+                h = STORE[b, k, 1]
+                mode = int(STORE[b, k, 3])
+                X = SEG[k - k0]
+                if implicit:
+                    for i in range(n):
+                        sc[i] = atol + rtol * abs(x[i])
+                    if mode & 1:
+                        p[0] = t
+                        residual_jacobian(x, p, F, J, tab)
+                    if mode & 2:
+                        ok = _newton(residual, residual_jacobian, t, h, x, p, A, cc, Z, X, K, M, piv, J, JS, d, sc,
+                                     1.0, _FULL_NEWTON_MAXITER, True, Zp, hp, False, n, s, tab)[0]
+                    else:
+                        _iteration_matrix(M, J, A, h, n, s, False, JS)
+                        ok = lu_factor(sn, M, piv) != 0.0
+                        if ok:
+                            ok = _newton(residual, residual_jacobian, t, h, x, p, A, cc, Z, X, K, M, piv, J, JS, d,
+                                         sc, newton_tol, _NEWTON_MAXITER, False, Zp, hp,
+                                         extrapolate and have_prev, n, s, tab)[0]
+                    if not ok:
+                        break
+                    if extrapolate:
+                        for j in range(s):
+                            for i in range(n):
+                                Zp[j, i] = Z[j, i]
+                        hp = h
+                        have_prev = True
+                else:
+                    _explicit_stages(residual, t, h, x, p, A, cc, Z, X, K, n, s, tab)
+                for i in range(n):
+                    x[i] = X[s - 1, i]
+            if not ok:
+                break
+            for i in range(n):
+                if x[i] != (CKPT[b, g + 1, i] if g + 1 < nseg else XEND[b, i]):
+                    ok = False
+            if not ok:
+                break
+            for k in range(k1 - 1, k0 - 1, -1):
+                hit = int(STORE[b, k, 2])
+                if hit >= 1:
+                    for i in range(n):
+                        lam[i] += GOUT[b, hit, i]
+                if not _adjoint_step(residual_jacobian, vjp_params, SEG[k - k0], STORE[b, k, 0], STORE[b, k, 1], p,
+                                     lam, A, cc, need, cols, PBAR[b], F, JS, M, piv, w, u, out, J, n, s, tab):
+                    ok = False
+                    break
+            if not ok:
+                break
+        if ok:
+            for i in range(n):
+                XBAR[b, i] = lam[i] + GOUT[b, 0, i]
+        else:
+            _failed_adjoint(XBAR, PBAR, b)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
@@ -657,18 +876,31 @@ def drive_ode_adjoint_batch_parallel(residual_jacobian, vjp_params, P, STORE, NS
                                 cols, XBAR, PBAR, tab)
 
 
+@njit(cache=True, error_model="numpy", parallel=True)
+def drive_ode_adjoint_checkpoint_batch_parallel(residual, residual_jacobian, vjp_params, P, STORE, CKPT, XEND, NSTEP,
+                                                STATUS, GOUT, A, cc, IOPT, FOPT, need, cols, XBAR, PBAR, tab):
+    B = P.shape[0]
+    for b in prange(B):
+        drive_ode_adjoint_checkpoint_range(residual, residual_jacobian, vjp_params, b, b + 1, P, STORE, CKPT, XEND,
+                                           NSTEP, STATUS, GOUT, A, cc, IOPT, FOPT, need, cols, XBAR, PBAR, tab)
+
+
 _f1, _f2, _f3, _i1, _b1, _s1 = sg.f1, sg.f2, sg.f3, sg.i1, sg.b1, sg.s1
 _i64 = types.int64
 _FWD_KERNELS = (sg.fn(sg.RESIDUAL), sg.fn(sg.JACOBIAN))
-_FWD_ARGS = (_f2, _f2, _f2, _f2, _f1, _f1, _i1, _f1, _f3, _f3, _i1, _s1, _f2, _i1)
+_FWD_ARGS = (_f2, _f2, _f2, _f2, _f1, _f1, _i1, _f1, _f3, _f3, _f3, _i1, _s1, _f2, _i1)
 _BWD_KERNELS = (sg.fn(sg.JACOBIAN), sg.fn(sg.VJP_PARAMS))
 _BWD_ARGS = (_f2, _f3, _i1, _s1, _f3, _f2, _f1, _b1, _b1, _f2, _f2, _i1)
+_CKPT_KERNELS = (sg.fn(sg.RESIDUAL), sg.fn(sg.JACOBIAN), sg.fn(sg.VJP_PARAMS))
+_CKPT_ARGS = (_f2, _f3, _f3, _f2, _i1, _s1, _f3, _f2, _f1, _i1, _f1, _b1, _b1, _f2, _f2, _i1)
 
 SIGNATURES = {
     "ode_range": types.void(*_FWD_KERNELS, _i64, _i64, *_FWD_ARGS),
     "ode_batch_parallel": types.void(*_FWD_KERNELS, *_FWD_ARGS),
     "ode_adjoint_range": types.void(*_BWD_KERNELS, _i64, _i64, *_BWD_ARGS),
     "ode_adjoint_batch_parallel": types.void(*_BWD_KERNELS, *_BWD_ARGS),
+    "ode_adjoint_checkpoint_range": types.void(*_CKPT_KERNELS, _i64, _i64, *_CKPT_ARGS),
+    "ode_adjoint_checkpoint_batch_parallel": types.void(*_CKPT_KERNELS, *_CKPT_ARGS),
 }
 
 _DRIVERS = Drivers(globals(), SIGNATURES)
@@ -680,7 +912,7 @@ class ODEResult:
     output times, ``status`` per sample, ``steps`` / ``rejected`` / ``jacobians`` counts;
     ``store`` holds the accepted steps for the adjoint (None when not kept)."""
 
-    def __init__(self, x, status, info, P, store, nstep, tableau):
+    def __init__(self, x, status, info, P, store, nstep, tableau, ckpt=None, iopt=None, fopt=None):
         self.x = x
         self.status = status
         self.steps = info[:, 0].astype(np.int64)
@@ -690,6 +922,14 @@ class ODEResult:
         self.store = store
         self.nstep = nstep
         self.tableau = tableau
+        self.ckpt = ckpt  # checkpointed states (B, segments, n), or None when every step's stages are stored
+        self.iopt = iopt
+        self.fopt = fopt
+
+    @property
+    def store_bytes(self) -> int:
+        """Memory the adjoint keeps from the forward (the step store and the checkpoints)."""
+        return sum(a.nbytes for a in (self.store, self.ckpt) if a is not None)
 
 
 class ODEKernels:
@@ -713,6 +953,8 @@ class ODEKernels:
         self._parallel = d("ode_batch_parallel")
         self._adj_range = d("ode_adjoint_range")
         self._adj_parallel = d("ode_adjoint_batch_parallel")
+        self._ck_range = d("ode_adjoint_checkpoint_range")
+        self._ck_parallel = d("ode_adjoint_checkpoint_batch_parallel")
         self._store_hint = self.INITIAL_STORE
 
     @staticmethod
@@ -738,9 +980,12 @@ class ODEKernels:
         P = np.zeros((1, self.m))
         TEV = np.zeros((1, 1))
         for threshold in (2, 1):
-            res = self.integrate(X0, P, TEV, tb, 1e-6, 1e-9, None, 1.0, 1, store=True, parallel_threshold=threshold)
-            self.adjoint(res, np.zeros((1, 1, self.n)), np.zeros(len(self.layout["param_groups"]), dtype=np.bool_),
-                         np.zeros(self.m, dtype=np.bool_), parallel_threshold=threshold)
+            for checkpoint in (0, 1):
+                res = self.integrate(X0, P, TEV, tb, 1e-6, 1e-9, None, 1.0, 1, store=True,
+                                     parallel_threshold=threshold, checkpoint=checkpoint)
+                self.adjoint(res, np.zeros((1, 1, self.n)),
+                             np.zeros(len(self.layout["param_groups"]), dtype=np.bool_),
+                             np.zeros(self.m, dtype=np.bool_), parallel_threshold=threshold)
 
     @staticmethod
     def _threaded(B: int, threshold: int) -> bool:
@@ -749,9 +994,11 @@ class ODEKernels:
         return B >= threshold and threads.parallel_allowed()
 
     def integrate(self, X0, P, TEV, tableau, rtol, atol, h0, dt, max_steps, hmax=0.0, store=False,
-                  parallel_threshold=8) -> ODEResult:
+                  parallel_threshold=8, checkpoint=0) -> ODEResult:
         """Integrate every sample. ``X0`` ``(B, n)``, ``P`` ``(B, m)`` (column 0 is time, ignored),
-        ``TEV`` ``(1, T)`` or ``(B, T)`` strictly increasing."""
+        ``TEV`` ``(1, T)`` or ``(B, T)`` strictly increasing. With ``store``, keep what the adjoint
+        needs: every accepted step's stage values, or with ``checkpoint = K > 0`` only the step
+        sizes and the state at every K-th step (the adjoint then integrates each segment again)."""
         from . import threads
 
         X0 = np.ascontiguousarray(X0, dtype=np.float64)
@@ -765,8 +1012,9 @@ class ODEKernels:
             E[:s] = tableau.e
         if tableau.err_kind == 3:
             E[s] = 1.0 / (3 + 3 ** (2 / 3) - 3 ** (1 / 3))
+        ck = int(checkpoint) if store else 0
         IOPT = np.array([int(tableau.adaptive), int(tableau.implicit), tableau.err_kind, tableau.err_row,
-                         int(max_steps), int(store)], dtype=np.int64)
+                         int(max_steps), int(store), ck], dtype=np.int64)
         FOPT = np.array([rtol, atol, h0 if h0 is not None else 0.0, dt if dt is not None else 0.0,
                          tableau.err_exponent, hmax], dtype=np.float64)
         A = np.ascontiguousarray(tableau.A)
@@ -775,37 +1023,47 @@ class ODEKernels:
         NSTEP = np.zeros(B, dtype=np.int64)
         STATUS = np.zeros(B, dtype=np.int8)
         INFO = np.zeros((B, 4))
-        width = STORE_HEAD + s * n
+        width = CKPT_HEAD if ck else STORE_HEAD + s * n
+
+        def segments(c):  # checkpoint rows for a store of c steps
+            return (c + ck - 1) // ck if ck else 0
         # room for the steps of the last calls (a training loop integrates similar samples again)
         cap = min(self._store_hint, int(max_steps) + 1) if store else 0
         if not tableau.adaptive and store:
             span = TEV[:, -1] - TEV[:, 0]
             cap = int(np.max(np.ceil(span / dt * (1 - 1e-12)))) + T + 1
         STORE = np.empty((B, max(cap, 0), width))
+        ckw = _ckpt_width(n, s)
+        CKPT = np.empty((B, segments(max(cap, 0)), ckw))
         idx = np.arange(B)
         args_x0, args_p, args_t = X0, P, TEV
         while True:
             sub_out = np.empty((idx.size, T, n))
             sub_store = np.empty((idx.size, cap, width))
+            sub_ckpt = np.empty((idx.size, segments(cap), ckw))
             sub_nstep = np.zeros(idx.size, dtype=np.int64)
             sub_status = np.zeros(idx.size, dtype=np.int8)
             sub_info = np.zeros((idx.size, 4))
-            args = (args_x0, args_p, args_t, A, E, cc, IOPT, FOPT, sub_out, sub_store, sub_nstep, sub_status,
-                    sub_info, self.tab)
+            args = (args_x0, args_p, args_t, A, E, cc, IOPT, FOPT, sub_out, sub_store, sub_ckpt, sub_nstep,
+                    sub_status, sub_info, self.tab)
             if self._threaded(idx.size, parallel_threshold):
                 self._call(self._parallel, self.k_res, self.k_jac, *args)
                 threads.note_started()
             else:
                 self._call(self._range, self.k_res, self.k_jac, 0, idx.size, *args)
             if idx.size == B and cap == STORE.shape[1]:
-                OUT, NSTEP, STATUS, INFO, STORE = sub_out, sub_nstep, sub_status, sub_info, sub_store
+                OUT, NSTEP, STATUS, INFO, STORE, CKPT = sub_out, sub_nstep, sub_status, sub_info, sub_store, sub_ckpt
             else:
                 OUT[idx], NSTEP[idx], STATUS[idx], INFO[idx] = sub_out, sub_nstep, sub_status, sub_info
                 if STORE.shape[1] < cap:
                     grown = np.empty((B, cap, width))
                     grown[:, :STORE.shape[1]] = STORE
                     STORE = grown
+                    grown = np.empty((B, segments(cap), ckw))
+                    grown[:, :CKPT.shape[1]] = CKPT
+                    CKPT = grown
                 STORE[idx] = sub_store
+                CKPT[idx] = sub_ckpt
             full = np.flatnonzero(sub_nstep < 0)
             if full.size == 0:
                 break
@@ -817,7 +1075,8 @@ class ODEKernels:
             args_t = TEV if TEV.shape[0] == 1 else np.ascontiguousarray(TEV[idx])
         if tableau.adaptive and B:  # (steps are counted with or without the store)
             self._store_hint = max(self._store_hint, int(1.25 * NSTEP.max()) + 1)
-        return ODEResult(OUT, STATUS, INFO, P, STORE if store else None, NSTEP, tableau)
+        return ODEResult(OUT, STATUS, INFO, P, STORE if store else None, NSTEP, tableau,
+                         ckpt=CKPT if ck else None, iopt=IOPT, fopt=FOPT)
 
     def adjoint(self, res: ODEResult, GOUT, need, cols, parallel_threshold=8):
         """``(XBAR (B, n), PBAR (B, m))``: the gradient of ``sum(GOUT * x)`` with respect to the
@@ -827,14 +1086,26 @@ class ODEKernels:
         XBAR = np.zeros((B, self.n))
         PBAR = np.zeros((B, self.m))
         tb = res.tableau
-        args = (res.p, res.store, res.nstep, res.status, GOUT, np.ascontiguousarray(tb.A),
-                np.ascontiguousarray(tb.c, dtype=np.float64), np.asarray(need, dtype=np.bool_),
-                np.asarray(cols, dtype=np.bool_), XBAR, PBAR, self.tab)
-        if self._threaded(B, parallel_threshold):
+        A = np.ascontiguousarray(tb.A)
+        cc = np.ascontiguousarray(tb.c, dtype=np.float64)
+        need = np.asarray(need, dtype=np.bool_)
+        cols = np.asarray(cols, dtype=np.bool_)
+        threaded = self._threaded(B, parallel_threshold)
+        if res.ckpt is not None:
+            xend = np.ascontiguousarray(res.x[:, -1])
+            args = (res.p, res.store, res.ckpt, xend, res.nstep, res.status, GOUT, A, cc, res.iopt, res.fopt, need,
+                    cols, XBAR, PBAR, self.tab)
+            kernels = (self.k_res, self.k_jac, self.k_vjp)
+            entry_range, entry_parallel = self._ck_range, self._ck_parallel
+        else:
+            args = (res.p, res.store, res.nstep, res.status, GOUT, A, cc, need, cols, XBAR, PBAR, self.tab)
+            kernels = (self.k_jac, self.k_vjp)
+            entry_range, entry_parallel = self._adj_range, self._adj_parallel
+        if threaded:
             from . import threads
 
-            self._call(self._adj_parallel, self.k_jac, self.k_vjp, *args)
+            self._call(entry_parallel, *kernels, *args)
             threads.note_started()
         else:
-            self._call(self._adj_range, self.k_jac, self.k_vjp, 0, B, *args)
+            self._call(entry_range, *kernels, 0, B, *args)
         return XBAR, PBAR

@@ -69,6 +69,7 @@ class ODEOptions:
     hmax: float | None = None
     on_failure: str = "raise"
     parallel_threshold: int = 8
+    checkpoint: int | None = None
 
     def __post_init__(self):
         if self.method not in ODE_METHODS:
@@ -97,6 +98,11 @@ class ODEOptions:
         if isinstance(self.parallel_threshold, bool) or not isinstance(self.parallel_threshold, int) \
                 or self.parallel_threshold < 1:
             raise InputError(f"ODE option parallel_threshold must be an int >= 1, got {self.parallel_threshold!r}")
+        if self.checkpoint is not None and (isinstance(self.checkpoint, bool) or not isinstance(self.checkpoint, int)
+                                            or self.checkpoint < 1):
+            raise InputError(f"ODE option checkpoint must be None (store every step) or an int K >= 1 (store the "
+                             f"state every K accepted steps and integrate each segment again in the backward "
+                             f"pass), got {self.checkpoint!r}")
 
     @classmethod
     def from_kwargs(cls, **options):
@@ -139,7 +145,7 @@ class _ODECall:
         o = layer.options
         res = layer.kernels.integrate(self.X0, self.P, self.TEV, TABLEAUS[o.method], float(o.rtol), float(o.atol),
                                       o.h0, o.dt, o.max_steps, o.hmax or 0.0, store=self.need_grad,
-                                      parallel_threshold=o.parallel_threshold)
+                                      parallel_threshold=o.parallel_threshold, checkpoint=o.checkpoint or 0)
         self.result = res
         bad = res.status != st.CONVERGED
         if bad.any():
@@ -186,6 +192,17 @@ class _ODEFunction(torch.autograd.Function):
                 cols[1 + g["offset"]:1 + g["offset"] + len(g["symbols"])] = True
         XB, PB = layer.kernels.adjoint(res, G, need, cols, layer.options.parallel_threshold)
         bad = res.status != st.CONVERGED
+        lost = ~bad & ~(np.isfinite(XB).all(axis=1) & np.isfinite(PB).all(axis=1)) & np.isfinite(G).all(axis=(1, 2))
+        if lost.any() and layer.options.on_failure == "raise":
+            idx = np.flatnonzero(lost)
+            raise ConvergenceError(
+                f"the adjoint of ODE layer {layer.layout['name']!r} failed for {idx.size} sample(s) "
+                f"(first: {idx[:5].tolist()}): a stage matrix I - h A (x) df/dx was singular at a stored step"
+                + (", or a checkpointed segment integrated again did not reproduce the forward"
+                   if layer.options.checkpoint else "")
+                + "\n(on_failure='nan' or 'keep' returns NaN gradients for these samples instead of raising)",
+                np.where(lost, st.ODE_NEWTON_FAILED, res.status).astype(res.status.dtype),
+            )
         if bad.any() and layer.options.on_failure == "nan":
             XB[bad] = np.nan
             PB[bad] = np.nan
