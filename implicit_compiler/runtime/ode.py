@@ -760,7 +760,10 @@ def drive_ode_adjoint_checkpoint_range(residual, residual_jacobian, vjp_params, 
     rtol = FOPT[F_RTOL]
     atol = FOPT[F_ATOL]
     newton_tol = _stage_tolerance(adaptive, rtol)
-    SEG = np.empty((ck, s, n))
+    longest = 0  # a segment is at most K steps and at most a sample's steps
+    for b in range(lo, hi):
+        longest = max(longest, NSTEP[b])
+    SEG = np.empty((min(ck, longest), s, n))
     p = np.empty(m)
     lam = np.empty(n)
     x = np.empty(n)

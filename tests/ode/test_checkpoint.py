@@ -29,7 +29,7 @@ def _grads(layer):
                                         ("esdirk", dict(rtol=1e-6, atol=1e-9)),
                                         ("backward_euler", dict(dt=0.01)),
                                         ("trapezoid", dict(dt=0.02))])
-@pytest.mark.parametrize("K", [1, 5, 10**6])
+@pytest.mark.parametrize("K", [1, 5, 10**15])  # (a K beyond the steps taken allocates only those)
 def test_checkpointed_gradient_is_the_stored_one_bit_for_bit(vdp, method, kw, K):
     ref = _grads(ic.compile(vdp, method=method, **kw))
     got = _grads(ic.compile(vdp, method=method, checkpoint=K, **kw))
