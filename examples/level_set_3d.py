@@ -251,11 +251,12 @@ class Shape:
             p = rng.uniform(-1, 1, size=(sel.sum(), 3)) * a + c
             p[:, axis] = c[axis] + sign * a[axis]
             u[sel] = p
-        owner = np.array([f[0] for f in faces])[pick]
-        covered = np.zeros(m, dtype=bool)
-        for bi, (c, a) in enumerate(s["boxes"]):
-            covered |= (owner != bi) & (np.abs(u - c) < a - 1e-12).all(axis=1)
-        return u[~covered]
+        # a face point is on the union's surface when just outside it (along the face's normal) is outside
+        # every box: this drops points inside other boxes and on faces where two boxes touch
+        normal = np.zeros((m, 3))
+        for k, (_, axis, sign, _) in enumerate(faces):
+            normal[pick == k, axis] = sign
+        return u[~self._inside_local(u + 1e-9 * normal)]
 
 
 def random_shape(kind: str, rng) -> Shape:
