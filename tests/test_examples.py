@@ -55,6 +55,20 @@ def test_level_set(tmp_path):
     assert r["rms_test_after"] < 0.2 * r["rms_test_before"]  # held-out rays: the surface itself fits
 
 
+def test_level_set_3d(tmp_path):
+    pytest.importorskip("skimage")
+    r = run("level_set_3d", tmp_path)
+    for first, last in r["level_set_loss"]:  # learning happened on every shape
+        assert last < 0.6 * first
+    # training through the implicit layer improved the surface it started from, and beat the voxels
+    assert r["chamfer_level_set"] < 0.7 * r["chamfer_level_set_start"]
+    assert r["iou_level_set"] > r["iou_level_set_start"] + 0.05
+    assert r["iou_level_set"] > 0.9 and r["iou_level_set"] > r["iou_voxels"] + 0.1
+    assert r["chamfer_level_set"] < 0.7 * r["chamfer_voxels"]
+    assert r["grad_rel_error"] < 1e-6  # the implicit gradient against finite differences
+    assert r["dropped_fraction"] < 0.05
+
+
 def test_ode_layer(tmp_path):
     r = run("ode_layer", tmp_path)
     assert r["loss_last"] < 1e-3 * r["loss_first"]
