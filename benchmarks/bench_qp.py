@@ -9,6 +9,18 @@ Run by hand from the repository root::
     python benchmarks/bench_qp.py            # needs qpth and/or cvxpylayers for the references
     python benchmarks/bench_qp.py --quick    # fewer repeats, no cvxpylayers at batch 1024
 
+``--sweep`` measures runtime against the number of QP variables (the x-axis of the paper's fig. 4) instead:
+n = 10, 20, 50, 100 variables with n/2 inequalities (``--sizes``, ``--ineq``), a training-like batch of 128
+(``--batch``), forward and backward timed separately for both layers, and this project's compile time per n,
+cold (a fresh subprocess with an empty kernel cache: derivation, code generation and Numba) and cached (a second
+fresh subprocess loading the first one's cache). The cached subprocess also runs the timings and checks our
+solution and gradients against qpth's in the same run::
+
+    python benchmarks/bench_qp.py --sweep
+    python benchmarks/bench_qp.py --sweep --sizes 10 20 --batch 64 --timeout 300
+
+qpth runs with its defaults there (eps 1e-12, at most 20 iterations: what OptNet trains with).
+
 Two traps in comparing against qpth are avoided: qpth returns the batch *mean* gradient for
 parameters passed without a batch dimension (we pass expanded tensors and sum), and its Q
 gradient is not symmetrised (we compare (G + Gᵀ)/2).
@@ -17,7 +29,11 @@ gradient is not symmetrised (we compare (G + Gᵀ)/2).
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 import timeit
 import warnings
@@ -121,10 +137,158 @@ def bench_batch(layer, B, repeat, QPFunction, cp, with_cvx):
     return rows
 
 
+# ---------------------------------------------------------------- --sweep: runtime against the number of variables
+
+def sweep_problem(n, m):
+    y = sp.Matrix(sp.symbols(f"y0:{n}"))
+    Q = sp.Matrix(n, n, sp.symbols(f"Q0:{n * n}"))
+    q = sp.Matrix(sp.symbols(f"q0:{n}"))
+    G = sp.Matrix(m, n, sp.symbols(f"G0:{m * n}"))
+    h = sp.Matrix(sp.symbols(f"h0:{m}"))
+    return ic.Problem((y.T * Q * y)[0] / 2 + (q.T * y)[0], variables={"y": y},
+                      params={"Q": Q, "q": q, "G": G, "h": h}, inequalities=list(G * y - h), name=f"sweep_qp_{n}_{m}")
+
+
+def sweep_instance(n, m, B, seed=0):
+    """Q = L Lᵀ / n + 0.1 I (eigenvalues O(1) at every n), shared G with unit-norm rows on average, h > 0 so
+    y = 0 is strictly feasible, q per sample: a mix of active and inactive constraints at the solution."""
+    rng = np.random.default_rng(seed)
+    L = rng.standard_normal((n, n))
+    Q = L @ L.T / n + 0.1 * np.eye(n)
+    q = rng.standard_normal((B, n))
+    G = rng.standard_normal((m, n)) / np.sqrt(n)
+    h = rng.uniform(0.1, 0.5, m)
+    return Q, q, G, h
+
+
+def fwd_bwd_times(fn, args, gy, repeat):
+    """Min over ``repeat`` calls of the forward and of the backward (``y.backward(gy)``), after one warm-up.
+    ``fn(*leaves)`` builds the graph; leaves are fresh tensors requiring grad each time."""
+    best_f = best_b = float("inf")
+    for r in range(repeat + 1):
+        leaves = [torch.tensor(a, requires_grad=True) for a in args]
+        t0 = time.perf_counter()
+        y = fn(*leaves)
+        t1 = time.perf_counter()
+        y.backward(gy)
+        t2 = time.perf_counter()
+        if r:
+            best_f, best_b = min(best_f, t1 - t0), min(best_b, t2 - t1)
+    return best_f, best_b, y.detach(), [t.grad for t in leaves]
+
+
+def sweep_one(n, m, B, phase, repeat):
+    """One subprocess's work: compile (timed) and, in the cached phase, time and compare against qpth."""
+    problem = sweep_problem(n, m)
+    t0 = time.perf_counter()
+    layer = ic.compile(problem, tol=1e-10)
+    out = {"n": n, "m": m, "phase": phase, "compile_s": time.perf_counter() - t0,
+           "cache_hit": layer.compile_report["cache_hit"]}
+    if phase == "cold":
+        return out
+    Q, q, G, h = sweep_instance(n, m, B)
+    gy = torch.from_numpy(np.random.default_rng(1).standard_normal((B, n)))
+    f, b, y, grads = fwd_bwd_times(layer, (Q, q, G, h), gy, repeat)
+    status = layer.solve(Q, q, G, h)
+    clean = torch.from_numpy(status.weakly_active == 0)
+    out.update(ours_fwd=f, ours_bwd=b, weakly_active=int((~clean).sum()))
+    try:
+        from qpth.qp import QPFunction
+    except ImportError:
+        out["note"] = "qpth not installed (pip install --no-deps qpth==0.0.18): no reference"
+        return out
+    e = torch.empty(0, dtype=torch.float64)
+    solve = QPFunction(verbose=-1)
+
+    def theirs(Qt, qt, Gt, ht):  # shared leaves expanded: autograd sums their gradient over the batch
+        return solve(Qt.expand(B, n, n), qt, Gt.expand(B, m, n), ht.expand(B, m), e, e)
+
+    fq, bq, yq, gq = fwd_bwd_times(theirs, (Q, q, G, h), gy, repeat)
+    out.update(qpth_fwd=fq, qpth_bwd=bq)
+    out["max_dy"] = (y - yq).abs().max().item()
+    out["max_dy_rel"] = out["max_dy"] / y.abs().max().item()
+    # gradients relative to their size: q per sample on the samples with a unique gradient; Q, G, h summed over
+    # the batch (a weakly active sample's share is one of its one-sided derivatives in both layers, not the
+    # same one, so those are reported with the count of such samples)
+    rel = lambda a, b: ((a - b).abs().max() / a.abs().max()).item()  # noqa: E731
+    out["grad_q_rel"] = rel(grads[1][clean], gq[1][clean]) if clean.any() else float("nan")
+    out["grad_QGh_rel"] = max(rel(grads[i], gq[i]) for i in (0, 2, 3))
+    return out
+
+
+def run_sweep(sizes, ineq_ratio, B, repeat, timeout, threads=None):
+    rows = []
+    for n in sizes:
+        m = max(1, round(ineq_ratio * n))
+        row = {"n": n, "m": m}
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, IMPLICIT_COMPILER_CACHE=cache)
+            for phase in ("cold", "cached"):
+                cmd = [sys.executable, __file__, "--sweep-one", str(n), str(m), str(B), phase, str(repeat)]
+                cmd += ["--threads", str(threads)] if threads else []
+                t = time.perf_counter()
+                try:
+                    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    row["note"] = f"{phase} phase did not finish in {time.perf_counter() - t:.0f} s (--timeout)"
+                    break
+                got = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+                if not got:
+                    tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+                    row["note"] = f"{phase} phase failed: {tail[:120]}"
+                    break
+                r = json.loads(got[-1][7:])
+                row[f"{phase}_s"] = r.pop("compile_s")
+                if phase == "cold" and r["cache_hit"]:
+                    row["note"] = "the cold phase hit a cache: not a cold compile"
+                r.pop("phase"), r.pop("cache_hit")
+                row.update(r)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    ms = lambda v: f"{1e3 * v:9.2f}" if isinstance(v, float) else f"{'-':>9}"  # noqa: E731
+    ratio = lambda a, b: f"{a / b:6.1f}x" if isinstance(a, float) and isinstance(b, float) else f"{'-':>7}"  # noqa: E731
+    sec = lambda v: f"{v:7.1f}" if isinstance(v, float) else f"{'-':>7}"  # noqa: E731
+    print(f"\nbatch {B}, {threads or 'default'} thread(s), times in ms (min of {repeat}); compile in s; "
+          "ratios qpth / ours measured in this run")
+    print(f"{'n':>4} {'m':>4} | {'ours fwd':>9} {'qpth fwd':>9} {'ratio':>7} | {'ours bwd':>9} {'qpth bwd':>9} "
+          f"{'ratio':>7} | {'cold':>7} {'cached':>7} | max|dy|/|y|  grad_q   grad_QGh  weak")
+    for r in rows:
+        diff = (f"{r['max_dy_rel']:.1e}   {r['grad_q_rel']:.1e}  {r['grad_QGh_rel']:.1e}  {r['weakly_active']:>4}"
+                if "max_dy_rel" in r else "")
+        print(f"{r['n']:>4} {r['m']:>4} | {ms(r.get('ours_fwd'))} {ms(r.get('qpth_fwd'))} "
+              f"{ratio(r.get('qpth_fwd'), r.get('ours_fwd'))} | {ms(r.get('ours_bwd'))} {ms(r.get('qpth_bwd'))} "
+              f"{ratio(r.get('qpth_bwd'), r.get('ours_bwd'))} | {sec(r.get('cold_s'))} {sec(r.get('cached_s'))} | "
+              f"{diff} {r.get('note', '')}")
+    print("(grad_q: per-sample gradient of q on samples without weakly active constraints, relative to its largest "
+          "entry; grad_QGh: the batch-summed gradients of the shared Q, G, h, same measure; weak: samples with a "
+          "weakly active constraint)")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="runtime and compile time against the number of variables")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10, 20, 50, 100])
+    ap.add_argument("--ineq", type=float, default=0.5, help="inequalities per variable in --sweep")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess in --sweep")
+    ap.add_argument("--threads", type=int, help="torch and Numba threads in --sweep (default: each library's own)")
+    ap.add_argument("--sweep-one", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.sweep_one:
+        n, m, B, phase, repeat = args.sweep_one
+        if args.threads:
+            import numba
+
+            torch.set_num_threads(args.threads)
+            numba.set_num_threads(args.threads)
+        print("RESULT " + json.dumps(sweep_one(int(n), int(m), int(B), phase, int(repeat))))
+        return
+    if args.sweep:
+        print(f"implicit_compiler {ic.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+        run_sweep(args.sizes, args.ineq, args.batch, 3 if args.quick else 7, args.timeout, args.threads)
+        return
     repeat = 3 if args.quick else 7
     layer, compile_s = build_layer()
     print(f"implicit_compiler {ic.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")

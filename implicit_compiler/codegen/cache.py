@@ -161,9 +161,10 @@ def toolchain_hash() -> str:
     h = hashlib.sha256()
     h.update(f"{__version__}|{sympy.__version__}|{numba.__version__}|{sys.version_info[:2]}".encode())
     here = Path(__file__).resolve().parent
-    # derive/ decides what is emitted too (the factorisation, the elimination order)
+    # derive/ decides what is emitted too (the factorisation, the elimination order), and symbolic/
+    # the system a definition stands for (a Problem's KKT system: its content hash is the definition's)
     files = (sorted((here.parent / "runtime").glob("*.py")) + sorted(here.glob("*.py"))
-             + sorted((here.parent / "derive").glob("*.py")))
+             + sorted((here.parent / "derive").glob("*.py")) + sorted((here.parent / "symbolic").glob("*.py")))
     for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())
