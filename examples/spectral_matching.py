@@ -94,8 +94,10 @@ def smac_problem(K: int) -> ic.Problem:
 
 
 def build_smac(K: int):
-    # a sample the interior point does not solve keeps its last iterate and gets no gradient (counted)
-    return ic.compile(smac_problem(K), max_iter=200, on_failure="keep")
+    # a sample the interior point does not solve keeps its last iterate and gets no gradient (counted);
+    # entries of y that reach 0 with a vanishing multiplier are weakly active (one-sided gradient), which
+    # the layer would warn about on every call: expected here, so not reported
+    return ic.compile(smac_problem(K), max_iter=200, on_failure="keep", warn_weakly_active=False)
 
 
 def power_iteration(M, steps: int):
@@ -169,6 +171,7 @@ class Method:
         self.name, self.K, self.layer, self.steps = name, K, layer, steps
         self.iu = np.triu_indices(K * K)
         self.failed = self.solved = 0  # SMAC samples the interior point did not solve (kept, zero gradient)
+        self.causes = {}  # their statuses
 
     def confidence(self, M):
         """The doubly-stochastic K x K confidence map S of each affinity matrix."""
@@ -181,6 +184,9 @@ class Method:
         y, info = self.layer(m, y0=torch.full((K * K,), 1.0 / K, dtype=torch.float64), return_info=True)
         self.failed += int((~info.converged).sum())
         self.solved += B
+        for code in info.status[~info.converged].tolist():
+            name = ic.Status(code).name
+            self.causes[name] = self.causes.get(name, 0) + 1
         return y.reshape(B, K, K)  # doubly stochastic by its constraints
 
 
@@ -212,6 +218,8 @@ def train(method, train_data, test_data, iters: int, every: int):
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t0)
+    beta, sigma = (float(torch.exp(t.detach())) for t in theta[1:])
+    print(f"{method.name:6s} learned beta {beta:.3f}, sigma {sigma:.3f}")
     return curve, float(np.median(times)), torch.exp(theta[0]).detach().numpy()
 
 
@@ -236,7 +244,7 @@ def main(quick: bool = False, out: str | None = None, landmarks: int | None = No
                                 "failed_fraction": method.failed / max(1, method.solved)}
         print(f"{method.name:6s} test PCK@{ALPHA}: {curve[0][1]:.3f} -> {curve[-1][1]:.3f}   "
               f"{1e3 * per_iter:7.1f} ms per iteration   channel weights {np.array2string(w, precision=2)}"
-              + (f"   unsolved samples {method.failed}/{method.solved}" if method.solved else ""))
+              + (f"   unsolved samples {method.failed}/{method.solved} {method.causes}" if method.solved else ""))
     out = "." if out is None and not quick else out
     if out is not None:
         _plot(results, f"{out}/spectral_matching.png", K)
