@@ -31,7 +31,7 @@ def smac_problem(k: int) -> ic.Problem:
         M[i, j] = M[j, i] = m[t]
     return ic.Problem((y.T * M * y)[0] / (y.T * y)[0], variables={"y": y}, params={"m": list(m)},
                       equalities=[s - 1 for s in rows + cols], inequalities=[-v for v in y],
-                      maximize=True, name=f"smac_{k}")
+                      maximize=True, name=f"smac_{k * k}")  # the name examples/spectral_matching.py uses: one module
 
 
 # ---------------------------------------------------------------------- symbolic reduction
