@@ -31,7 +31,8 @@ M has the node affinities ``exp(-Σ_c w_c (f_ic - g_ac)²)`` on its diagonal and
 edges ij and all target pairs ab. The layers learn w, β and σ.
 
 Run: ``python examples/spectral_matching.py`` (8 landmarks, 60 training iterations;
-``--landmarks K`` for another size; ``--quick``: 3 landmarks and a few iterations, for the tests).
+``--landmarks K`` for another size, ``--layers PI-5,SM`` for some of the layers; ``--quick``: 3
+landmarks and a few iterations, for the tests).
 Prints, per layer, the test PCK before and after training and the time per training iteration
 (forward + backward of the batch); saves ``spectral_matching.png`` (test PCK against training
 iterations, and the time per iteration) when matplotlib is installed.
@@ -223,14 +224,23 @@ def train(method, train_data, test_data, iters: int, every: int):
     return curve, float(np.median(times)), torch.exp(theta[0]).detach().numpy()
 
 
-def main(quick: bool = False, out: str | None = None, landmarks: int | None = None) -> dict:
+LAYERS = ("PI-5", "PI-10", "SM", "SMAC")
+
+
+def main(quick: bool = False, out: str | None = None, landmarks: int | None = None, layers=LAYERS) -> dict:
     K = landmarks or (3 if quick else 8)
+    unknown = sorted(set(layers) - set(LAYERS))
+    if unknown:
+        raise ValueError(f"unknown layer(s) {unknown}; the layers are {list(LAYERS)}")
     n_train, n_test, iters, every = (16, 32, 8, 4) if quick else (32, 100, 60, 5)
     rng = np.random.default_rng(0)
     train_data = make_pairs(n_train, K, rng)
     test_data = make_pairs(n_test, K, rng)
-    methods, compile_s = [Method("PI-5", K, steps=5), Method("PI-10", K, steps=10)], {}
+    methods = [Method(f"PI-{n}", K, steps=n) for n in (5, 10) if f"PI-{n}" in layers]
+    compile_s = {}
     for name, build in (("SM", build_sm), ("SMAC", build_smac)):
+        if name not in layers:
+            continue
         t0 = time.perf_counter()
         methods.append(Method(name, K, build(K)))
         compile_s[name] = time.perf_counter() - t0
@@ -278,4 +288,5 @@ def _plot(results, path, K):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    main(quick="--quick" in args, landmarks=int(args[args.index("--landmarks") + 1]) if "--landmarks" in args else None)
+    main(quick="--quick" in args, landmarks=int(args[args.index("--landmarks") + 1]) if "--landmarks" in args else None,
+         layers=args[args.index("--layers") + 1].split(",") if "--layers" in args else LAYERS)
