@@ -35,7 +35,8 @@ Run: ``python examples/spectral_matching.py`` (4 landmarks, all four layers, 60 
 landmarks and a few iterations, for the tests). The paper's size, ``--landmarks 8``, runs for PI and
 SM (``--layers PI-5,PI-10,SM``; SM compiles in about 2 CPU minutes) but not yet for SMAC: every
 stationarity row of ``yᵀMy / yᵀy`` holds the whole quadratic form, so ``dF/dθ`` is dense (64 x 2080
-entries of large expressions) and the symbolic derivation alone did not finish in 15 minutes.
+entries of large expressions) and the symbolic derivation alone did not finish in 15 minutes (wall
+clock, loaded 2-core machine).
 Prints, per layer, the test PCK before and after training and the time per training iteration
 (forward + backward of the batch); saves ``spectral_matching.png`` (test PCK against training
 iterations, and the time per iteration) when matplotlib is installed.
