@@ -11,6 +11,7 @@ from .compiler import compile
 from .errors import (
     ConvergenceError,
     ImplicitCompilerError,
+    InconsistentConstraintsError,
     InputError,
     StructuralSingularityError,
     SystemDefinitionError,
@@ -45,6 +46,7 @@ __all__ = [
     "ImplicitCompilerError",
     "SystemDefinitionError",
     "StructuralSingularityError",
+    "InconsistentConstraintsError",
     "InputError",
     "ConvergenceError",
 ]

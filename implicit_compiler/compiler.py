@@ -118,7 +118,7 @@ def compile_problem(problem, *, cache_dir=None, verbose: bool = False, warmup: b
 
     def source(key):
         _progress(verbose, f"deriving the KKT system of {problem!r}")
-        return emit_problem_module(problem, problem.system.layout(), key)
+        return emit_problem_module(problem, problem.layout(), key)
 
     _, module = _cached_module(problem.content_hash(), cache_dir, source, report)
     layer = ProblemLayer(module, opts, system=problem, compile_report=report, forward=forward,
@@ -217,7 +217,7 @@ class _PickledModules:
             from .codegen.emit_problem import emit_problem_module
 
             def source(key):
-                return emit_problem_module(system, system.system.layout(), key)
+                return emit_problem_module(system, system.layout(), key)
         else:
             def source(key):
                 return module_source(system.derivation, system.layout(), key)

@@ -22,6 +22,11 @@ class StructuralSingularityError(SystemDefinitionError):
     perfect matching between residuals and unknowns)."""
 
 
+class InconsistentConstraintsError(SystemDefinitionError):
+    """The equality constraints of a problem contradict each other for every parameter value
+    (a constraint's variable part is a combination of others', its constant part is not)."""
+
+
 class InputError(ImplicitCompilerError, ValueError):
     """A tensor or array passed to a compiled layer has the wrong shape, dtype or name."""
 

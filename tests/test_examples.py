@@ -48,10 +48,11 @@ def test_qp_digits(tmp_path):
 
 def test_spectral_matching(tmp_path):
     r = run("spectral_matching", tmp_path)
-    assert r["loss_after"] < 0.6 * r["loss_before"]
-    assert r["test_accuracy_after"] > r["test_accuracy_before"] + 0.1
-    assert r["test_accuracy_after"] > 0.85
-    assert r["noise_weight"] < 0.2 * r["informative_weight"]  # learned to ignore the corrupted channels
+    for name in ("PI-5", "PI-10", "SM", "SMAC"):  # every layer trains: held-out PCK rises
+        assert r[name]["pck_after"] > r[name]["pck_before"] + 0.1, name
+        w = r[name]["weights"]
+        assert w[:2].mean() > 2 * w[2:].mean(), name  # the informative channels gain weight
+    assert r["SMAC"]["failed_fraction"] < 0.05  # the interior point solves SMAC (redundant sum dropped)
 
 
 def test_normalized_cuts(tmp_path):

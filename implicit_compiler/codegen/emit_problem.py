@@ -348,6 +348,13 @@ def emit_problem_module(problem, layout: dict, key: str) -> str:
     ]
     for i, e in enumerate(problem.equalities):
         extra.append(f"#   h[{i}] = {expr_text(e, 2000)} = 0")
+    rows = getattr(problem, "equality_rows", None)
+    for red in getattr(problem, "redundant_equalities", ()):
+        # the dropped constraint's combination, named by kept position (h[k]) like the lines above
+        text = red.relation(lambda j, d=red.index: f"h[{rows.index(j)}]" if j != d else f"given equality {j}")
+        check = "consistent for every parameter value" if red.check is None else \
+            f"checked per sample: {expr_text(red.mismatch, 500)} = 0"
+        extra.append(f"#   dropped (redundant): {expr_text(red.constraint, 2000)} = 0; {text}; {check}")
     for i, e in enumerate(problem.inequalities):
         extra.append(f"#   g[{i}] = {expr_text(e, 2000)} <= 0")
     parts = [src, "\n".join(extra) + "\n"]

@@ -19,7 +19,9 @@ patterns with matplotlib (an optional dependency).
 Optimisation problems plug in by duck typing: an object with a ``.lagrangian``
 (a SymPy expression) and/or a ``.kkt`` named tuple of SymPy lists
 (``stationarity``, ``primal_feasibility``, ``complementarity``) gets a
-"Lagrangian" and a "KKT conditions" section; its ``.system`` supplies the
+"Lagrangian" and a "KKT conditions" section (and, when it dropped equality constraints as
+redundant, a ``.redundant_equalities`` gives a "Redundant equality constraints" section);
+its ``.system`` supplies the
 residual-system sections. Further sections can be added with
 :func:`register_section`.
 """
@@ -197,6 +199,21 @@ def _kkt(ctx: Context) -> Section | None:
     return Section("kkt", "KKT conditions", items)
 
 
+def _redundant_equalities(ctx: Context) -> Section | None:
+    """The equality constraints dropped before the KKT system was formed (a problem's
+    ``redundant_equalities``), each with the combination that implies it."""
+    dropped = _find_attr(ctx.obj, "redundant_equalities")
+    if not dropped:
+        return None
+    given = len(_find_attr(ctx.obj, "equalities_as_given") or ())
+    items = [Item("text", f"{len(dropped)} of {given} equality constraints dropped as redundant "
+                          f"(constant-linear, implied by the kept ones; exact rank); their multipliers are zero")]
+    for r in dropped:
+        items.append(Item("expr", sp.Eq(r.constraint, 0), f"h[{r.index}]", rf"h{_sub(r.index)}"))
+        items.append(Item("text", f"  {r.reason()}"))
+    return Section("redundant_equalities", "Redundant equality constraints", items)
+
+
 def _jacobian_unknowns(ctx: Context) -> Section:
     d = ctx.derivation
     rows = [f"F[{i}]" for i in range(d.n)]
@@ -275,6 +292,7 @@ for _key, _fn in (
     ("residuals", _residuals),
     ("lagrangian", _lagrangian),
     ("kkt", _kkt),
+    ("redundant_equalities", _redundant_equalities),
     ("jacobian_unknowns", _jacobian_unknowns),
     ("jacobian_params", _jacobian_params),
     ("sparsity", _sparsity),

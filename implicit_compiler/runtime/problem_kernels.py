@@ -6,6 +6,12 @@ callable does not supply are recovered by least squares from stationarity,
 over the constraints active at its solution). Either way the KKT Jacobian is
 factored at the solution for the backward pass, which is the residual-system
 VJP of :class:`Kernels`.
+
+Equality constraints the compiler found redundant (``LAYOUT["equalities"]``) are
+not in the kernels. Those whose consistency with the kept constraints depends on
+the parameters carry an affine test ``r(θ) = dᵀθ + c = 0``; a sample whose
+parameters fail it (``|r| > tol max(1, Σ_k |d_k θ_k| + |c|)``) is ``INFEASIBLE``:
+no point satisfies all the constraints as given.
 """
 
 from __future__ import annotations
@@ -24,6 +30,30 @@ class ProblemKernels(Kernels):
         self.forward = forward
         self.weak_tol = weak_tol
         self.kkt_tol = kkt_tol
+        eq = self.layout.get("equalities") or {"given": self.nq, "kept": list(range(self.nq)), "redundant": []}
+        self.nq_given = eq["given"]
+        self.equality_rows = np.asarray(eq["kept"], dtype=np.int64)
+        self.redundant = eq["redundant"]
+        checks = [r for r in self.redundant if r["check"] is not None]
+        self._check_rows = [r["index"] for r in checks]
+        self._check_D = np.zeros((len(checks), self.m))
+        self._check_c = np.array([r["check_constant"] for r in checks], dtype=np.float64)
+        for i, r in enumerate(checks):
+            for k, a in r["check"]:
+                self._check_D[i, k] = a
+
+    def consistent(self, P: np.ndarray, tol: float) -> np.ndarray:
+        """Per sample: do the parameters satisfy the dependencies of the dropped equality
+        constraints (see the module docstring)? All True when no dependency involves them."""
+        if not self._check_rows:
+            return np.ones(P.shape[0], dtype=np.bool_)
+        r = P @ self._check_D.T + self._check_c
+        scale = np.abs(P) @ np.abs(self._check_D.T) + np.abs(self._check_c)
+        return ~(np.abs(r) > tol * np.maximum(1.0, scale)).any(axis=1)
+
+    def _mark_inconsistent(self, P: np.ndarray, STATUS: np.ndarray, tol: float) -> None:
+        if self._check_rows:
+            STATUS[~self.consistent(P, tol)] = st.INFEASIBLE
 
     def _alloc(self, B):
         N = self.n
@@ -46,6 +76,7 @@ class ProblemKernels(Kernels):
             self._run("ip", B, args, options.parallel_threshold)
         else:
             return self.finalize(self._custom_forward(P), P, options)
+        self._mark_inconsistent(P, STATUS, options.tol)
         res = SolveResult(Z, STATUS, INFO[:, 0].astype(np.int64), INFO[:, 1], P, LU, PIV)
         res.weakly_active = INFO[:, 2].astype(np.int64)
         return res
@@ -72,6 +103,7 @@ class ProblemKernels(Kernels):
         bad = (STATUS != st.NONFINITE) & (~(INFO[:, 1] <= self.kkt_tol) | far)
         STATUS[bad] = st.NOT_OPTIMAL
         Z[bad, :self.nv] = given[bad]
+        self._mark_inconsistent(P, STATUS, options.tol)
         res = SolveResult(Z, STATUS, INFO[:, 0].astype(np.int64), INFO[:, 1], P, LU, PIV)
         res.weakly_active = INFO[:, 2].astype(np.int64)
         return res
@@ -100,7 +132,7 @@ class ProblemKernels(Kernels):
         Z = np.zeros((B, self.n))
         Z[:, :self.nv] = y
         if lam is not None and nu is not None:
-            Z[:, self.nv:self.nv + self.nq] = np.asarray(lam, dtype=np.float64).reshape(B, self.nq)
+            Z[:, self.nv:self.nv + self.nq] = self.reduce_multipliers(np.asarray(lam, dtype=np.float64).reshape(B, -1))
             Z[:, self.nv + self.nq:] = np.asarray(nu, dtype=np.float64).reshape(B, self.nr)
             return Z
         Z[:, self.nv:] = self.recover_multipliers(y, P)
@@ -126,4 +158,21 @@ class ProblemKernels(Kernels):
             nu = np.zeros(r)
             nu[active] = np.maximum(mult[q:], 0.0)
             out[b, q:] = nu
+        return out
+
+    def reduce_multipliers(self, lam: np.ndarray) -> np.ndarray:
+        """Equality multipliers ``(B, q)`` of the kept constraints from ``lam``: either those already,
+        or one per constraint as given, whose dropped entries are folded into the kept ones. A dropped
+        constraint ``d`` has gradient ``Σ_j c_dj ∇h_j``, so ``Σ_i λ_i ∇h_i = Σ_j (λ_j + Σ_d c_dj λ_d) ∇h_j``:
+        the same stationarity, with the dropped multipliers zero."""
+        if lam.shape[1] == self.nq:
+            return lam
+        if lam.shape[1] != self.nq_given:
+            extra = f" (or {self.nq_given}, one per equality as given)" if self.nq_given != self.nq else ""
+            raise ValueError(f"the custom forward returned {lam.shape[1]} equality multipliers per sample; the "
+                             f"problem has {self.nq}{extra}")
+        out = lam[:, self.equality_rows].copy()
+        for r in self.redundant:
+            for k, c in r["combination"]:
+                out[:, k] += c * lam[:, r["index"]]
         return out

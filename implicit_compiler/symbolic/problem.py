@@ -17,7 +17,7 @@ import sympy as sp
 from ..derive.families import fingerprint
 from ..errors import SystemDefinitionError
 from .groups import Group, flat_symbols, make_groups
-from .kkt import KKT, hessian_entries, kkt_conditions, lagrangian
+from .kkt import KKT, RedundantEquality, hessian_entries, independent_equalities, kkt_conditions, lagrangian
 from .system import ResidualSystem
 
 
@@ -81,6 +81,16 @@ class Problem:
 
     The multipliers are ``lam0, lam1, …`` (equalities) and ``nu0, nu1, …``
     (inequalities), renamed if those names are taken.
+
+    Redundant constant-linear equalities (``a·y = b(θ)`` with numeric ``a`` that is a combination of
+    the ``a`` of other such constraints, e.g. the row and column sums of an assignment matrix) are
+    found exactly at construction and left out of the KKT system, whose Jacobian would otherwise be
+    singular: ``equalities`` are the constraints kept, ``equalities_as_given`` all of them,
+    ``redundant_equalities`` the dropped ones with the combination that implies each
+    (:class:`~implicit_compiler.symbolic.kkt.RedundantEquality`), ``equality_rows`` the positions of
+    the kept ones among those given. ``lam`` has one multiplier per kept constraint (``lam<i>`` for
+    given constraint ``i``); a dropped constraint's multiplier is zero by definition. Constraints that
+    contradict each other raise :class:`~implicit_compiler.errors.InconsistentConstraintsError`.
     """
 
     kind = "problem"
@@ -106,12 +116,23 @@ class Problem:
         self.param_groups: tuple[Group, ...] = make_groups(params, "params", "theta")
         self.variables = flat_symbols(self.variable_groups)
         self.params = flat_symbols(self.param_groups)
-        self.equalities = _constraint_list(equalities, "equality")
+        self.equalities_as_given = _constraint_list(equalities, "equality")
+        self.equalities = self.equalities_as_given
         self.inequalities = _constraint_list(inequalities, "inequality")
         self._validate()
+        kept, redundant = independent_equalities(self.equalities_as_given, self.variables, self.params)
+        self.equality_rows: tuple[int, ...] = kept
+        self.redundant_equalities: tuple[RedundantEquality, ...] = redundant
+        self.equalities = [self.equalities_as_given[i] for i in kept]
+        if len(self.equalities) > len(self.variables):
+            raise SystemDefinitionError(
+                f"{len(self.equalities)} equality constraints for {len(self.variables)} variables: "
+                f"the constraint Jacobian cannot have full row rank"
+            )
         taken = set(self.variables) | set(self.params)
-        self.lam = _fresh_symbols("lam", len(self.equalities), taken)
-        self.nu = _fresh_symbols("nu", len(self.inequalities), taken | set(self.lam))
+        lam = _fresh_symbols("lam", len(self.equalities_as_given), taken)
+        self.lam = tuple(lam[i] for i in kept)
+        self.nu = _fresh_symbols("nu", len(self.inequalities), taken | set(lam))
         self._initial_guess = initial_guess
 
     def _validate(self) -> None:
@@ -133,11 +154,6 @@ class Problem:
                 )
         if not (self.objective.free_symbols & set(self.variables)) and not self.equalities:
             raise SystemDefinitionError("the objective does not depend on any variable")
-        if len(self.equalities) > len(self.variables):
-            raise SystemDefinitionError(
-                f"{len(self.equalities)} equality constraints for {len(self.variables)} variables: "
-                f"the constraint Jacobian cannot have full row rank"
-            )
 
     # ------------------------------------------------------------------ derived objects
     @property
@@ -186,6 +202,27 @@ class Problem:
     def n_variables(self) -> int:
         return len(self.variables)
 
+    def layout(self) -> dict:
+        """The KKT system's layout (plain data, stored in the generated module), plus, when equality
+        constraints were dropped, ``"equalities"``: how many were given, the positions kept and, per
+        dropped constraint, its position, the combination of kept constraints that implies it and
+        the per-sample consistency check (``None`` when it holds for every parameter value)."""
+        out = self.system.layout()
+        if self.redundant_equalities:
+            out["equalities"] = {
+                "given": len(self.equalities_as_given),
+                "kept": list(self.equality_rows),
+                "redundant": [
+                    {"index": r.index,
+                     "combination": [[self.equality_rows.index(j), float(c)] for j, c in r.combination],
+                     "check": None if r.check is None else [[k, a] for k, a in r.check[0]],
+                     "check_constant": None if r.check is None else r.check[1],
+                     "relation": r.relation()}
+                    for r in self.redundant_equalities
+                ],
+            }
+        return out
+
     def content_hash(self) -> str:
         """Hash of the problem's definition: its groups, symbols (the multipliers' included), the
         objective that is minimised, the constraints, name and initial guess.
@@ -206,13 +243,19 @@ class Problem:
         for e in self.equalities + self.inequalities:
             h.update(fingerprint(e, memo).encode())
         h.update(repr((self.name, len(self.equalities), len(self.inequalities))).encode())
+        if self.redundant_equalities:  # the dropped constraints are in the layout (and its checks)
+            h.update(f"|dropped {list(self.equality_rows)}|".encode())
+            for r in self.redundant_equalities:
+                h.update(fingerprint(r.constraint, memo).encode())
         if self._initial_guess is not None:
             h.update(repr(self.system.layout()["initial_guess"]).encode())
         return h.hexdigest()
 
     def __repr__(self) -> str:
+        k = len(self.redundant_equalities)
+        dropped = f" ({k} redundant dropped)" if k else ""
         return (f"Problem({self.name!r}: {'max' if self.maximize else 'min'} over {len(self.variables)} variables, "
-                f"{len(self.equalities)} equalities, {len(self.inequalities)} inequalities, "
+                f"{len(self.equalities)} equalities{dropped}, {len(self.inequalities)} inequalities, "
                 f"{len(self.params)} params)")
 
 

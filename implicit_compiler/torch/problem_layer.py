@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import torch
 
 from ..errors import InputError
 from ..runtime.kernels import SolveResult
@@ -65,8 +66,22 @@ class ProblemLayer(ImplicitLayer):
         outs = ", ".join(f"{g['name']}{tuple(g['shape'])}" for g in self._unknown_groups)
         k = self.kernels
         forward = "custom forward" if k.forward is not None else "interior point"
+        dropped = f" ({k.nq_given - k.nq} redundant dropped)" if k.nq_given != k.nq else ""
         return (f"{self.layout['name']}: ({ins}) -> ({outs}), optimization problem with {k.nv} variables, "
-                f"{k.nq} equalities, {k.nr} inequalities ({forward})")
+                f"{k.nq} equalities{dropped}, {k.nr} inequalities ({forward})")
+
+    def equality_multipliers(self, lam: torch.Tensor) -> torch.Tensor:
+        """The ``lam`` output (one multiplier per kept equality, last axis) spread over the
+        equalities as given: a redundant constraint the compiler dropped gets multiplier zero, and
+        zero gradient. Differentiable (a torch ``index_copy``); ``lam`` itself when nothing was dropped."""
+        k = self.kernels
+        if lam.shape[-1] != k.nq:
+            raise InputError(f"lam has {lam.shape[-1]} entries on its last axis; this layer's lam output has "
+                             f"{k.nq} (one per kept equality constraint)")
+        if k.nq_given == k.nq:
+            return lam
+        idx = torch.as_tensor(k.equality_rows, device=lam.device)
+        return lam.new_zeros((*lam.shape[:-1], k.nq_given)).index_copy(-1, idx, lam)
 
     def export_kwargs(self) -> dict:
         """The constructor arguments a standalone export needs (plain data only)."""
