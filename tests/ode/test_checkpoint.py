@@ -1,7 +1,8 @@
 """Checkpointed adjoint (``checkpoint=K``): the forward keeps the step sizes, how each step's stages
 were solved, and every K accepted steps what the integrator had (state, where the df/dx in use was
-evaluated, the previous step's stages); the backward integrates each segment again, repeating the forward's accepted attempts
-exactly, and sweeps it in reverse. The gradient is the stored adjoint's, bit for bit, for every method.
+evaluated, the previous step's stages); the backward integrates each segment again, repeating the
+forward's accepted attempts exactly, and sweeps it in reverse. The gradient is the stored adjoint's,
+bit for bit, for every method.
 """
 
 import numpy as np
