@@ -98,6 +98,7 @@ class ArrayPool:
 class Kernels:
     MIN_PARALLEL_SECONDS = 200e-6
     UNMEASURED_PARALLEL_BATCH = 4096
+    REPROBE_EVERY = 32  # serial calls, after a slow threaded run, before the threads are tried again
 
     def __init__(self, module):
         self.module = module
@@ -115,6 +116,8 @@ class Kernels:
         self.shared_y0 = type(self).solve is Kernels.solve
         self._options_cache = None
         self._cost = {}  # seconds per sample, last measured on a serial run, per kernel
+        self._tcost = {}  # (seconds per sample, batch) of the last threaded run (thread start included), per kernel
+        self._since_probe = {}  # serial calls since a threaded run was found slower than serial, per kernel
         self._forced = None  # during warm_up: True runs the prange drivers, False the range kernels
 
     def solve(self, P: np.ndarray, Y0: np.ndarray, options: SolverOptions) -> SolveResult:
@@ -258,11 +261,12 @@ class Kernels:
         ``MIN_PARALLEL_SECONDS`` of work (starting Numba's threads costs tens of
         microseconds on an idle machine, much more on a loaded one). Before any
         measurement, only batches of ``UNMEASURED_PARALLEL_BATCH`` or more go threaded."""
+        t0 = time.perf_counter()
         if self.threaded(kind, B, parallel_threshold):
             getattr(self.module, kind + "_batch_parallel")(*args, self.tab)
             threads.note_started()
+            self.measured(kind, B, t0, threaded=True)
             return
-        t0 = time.perf_counter()
         getattr(self.module, kind + "_range")(0, B, *args, self.tab)
         self.measured(kind, B, t0)
 
@@ -278,15 +282,29 @@ class Kernels:
                 threaded = B >= max(parallel_threshold, self.UNMEASURED_PARALLEL_BATCH)
             else:
                 threaded = B >= parallel_threshold and B * cost >= self.MIN_PARALLEL_SECONDS
+                tcost, tbatch = self._tcost.get(key, (None, 0))
+                if threaded and tcost is not None and tcost >= cost and B <= 4 * tbatch:
+                    # The last threaded run of a batch of about this size was no faster per sample
+                    # than serial (a busy machine stalls the threads): stay serial, and try the
+                    # threads again after REPROBE_EVERY calls.
+                    n = self._since_probe.get(key, 0) + 1
+                    self._since_probe[key] = n
+                    threaded = n >= self.REPROBE_EVERY
         return threaded and threads.parallel_allowed()
 
-    def measured(self, key: str, B: int, t0: float) -> None:
-        """Record the cost per sample of a serial run of ``key`` that started at ``t0``."""
-        if B >= 16:
-            # Measured on serial runs only: a threaded run's time includes starting the
-            # threads, which on a busy machine can stall for milliseconds and would
-            # otherwise keep sending small batches to the threads.
-            self._cost[key] = (time.perf_counter() - t0) / B
+    def measured(self, key: str, B: int, t0: float, threaded: bool = False) -> None:
+        """Record the cost per sample of a run of ``key`` that started at ``t0``: serial runs set
+        the cost that decides whether a batch is worth the threads; threaded runs (whose time
+        includes starting the threads, which on a busy machine can stall for milliseconds) are
+        kept apart, and one no faster per sample than serial sends later batches back to the
+        serial kernels (see :meth:`threaded`)."""
+        if B >= 16 and self._forced is None:
+            cost = (time.perf_counter() - t0) / B
+            if threaded:
+                self._tcost[key] = (cost, B)
+                self._since_probe[key] = 0
+            else:
+                self._cost[key] = cost
 
     def warm_up(self, run) -> None:
         """Call ``run()`` (calls of :meth:`solve`, :meth:`vjp`, ... on a tiny batch) twice:

@@ -112,11 +112,12 @@ class SecondOrder:
         k = self.kernels
         key = "second_" + kind
         fn = getattr(self.drivers, kind)
+        t0 = time.perf_counter()
         if k.threaded(key, B, parallel_threshold):
             fn(True, *args, k.tab)
             threads.note_started()
+            k.measured(key, B, t0, threaded=True)
             return
-        t0 = time.perf_counter()
         fn(False, *args, k.tab)
         k.measured(key, B, t0)
 
