@@ -231,6 +231,22 @@ def _store_checkpoint(crow, x, xJ, tJ, have_J, Zp, hp, have_prev, n, s):
     crow[o + 2] = 1.0 if have_J else 0.0
 
 
+@njit(cache=True, error_model="numpy")
+def _load_checkpoint(crow, x, xJ, Zp, n, s):
+    """Inverse of :func:`_store_checkpoint`: fills ``x``, ``xJ``, ``Zp``; returns
+    ``(tJ, hp, have_prev, have_J)``."""
+    for i in range(n):
+        x[i] = crow[i]
+        xJ[i] = crow[n + i]
+    o = 2 * n
+    for j in range(s):
+        for i in range(n):
+            Zp[j, i] = crow[o + 1 + j * n + i]
+    tJ = crow[o]
+    o += 1 + s * n
+    return tJ, crow[o], crow[o + 1] != 0.0, crow[o + 2] != 0.0
+
+
 def _ckpt_width(n: int, s: int) -> int:
     return 2 * n + s * n + 4
 
@@ -678,7 +694,30 @@ def _adjoint_step(residual_jacobian, vjp_params, X, t, h, p, lam, A, cc, need, c
 
 
 @njit(cache=True, error_model="numpy")
-def _failed_adjoint(XBAR, PBAR, b):
+def _start_adjoint(b, P, STATUS, XBAR, PBAR, p, lam):
+    """Zero sample ``b``'s gradients; False (nothing to sweep) unless its forward converged, else
+    load its parameters into ``p`` and zero the cotangent ``lam``."""
+    for c in range(PBAR.shape[1]):
+        PBAR[b, c] = 0.0
+    if STATUS[b] != 0:
+        for i in range(XBAR.shape[1]):
+            XBAR[b, i] = 0.0
+        return False
+    for c in range(P.shape[1]):
+        p[c] = P[b, c]
+    for i in range(lam.shape[0]):
+        lam[i] = 0.0
+    return True
+
+
+@njit(cache=True, error_model="numpy")
+def _finish_adjoint(ok, b, lam, GOUT, XBAR, PBAR):
+    """``XBAR[b]`` from the swept cotangent and the first output's own, or NaN gradients for a sample
+    whose sweep failed."""
+    if ok:
+        for i in range(XBAR.shape[1]):
+            XBAR[b, i] = lam[i] + GOUT[b, 0, i]
+        return
     for i in range(XBAR.shape[1]):
         XBAR[b, i] = math.nan
     for c in range(PBAR.shape[1]):
@@ -707,16 +746,8 @@ def drive_ode_adjoint_range(residual_jacobian, vjp_params, lo, hi, P, STORE, NST
     out = np.empty(m)
     J = np.empty((1, 1))
     for b in range(lo, hi):
-        for c in range(m):
-            PBAR[b, c] = 0.0
-        if STATUS[b] != 0:
-            for i in range(n):
-                XBAR[b, i] = 0.0
+        if not _start_adjoint(b, P, STATUS, XBAR, PBAR, p, lam):
             continue
-        for c in range(m):
-            p[c] = P[b, c]
-        for i in range(n):
-            lam[i] = 0.0
         ok = True
         for k in range(NSTEP[b] - 1, -1, -1):
             row = STORE[b, k]
@@ -731,11 +762,7 @@ def drive_ode_adjoint_range(residual_jacobian, vjp_params, lo, hi, P, STORE, NST
                                  F, JS, M, piv, w, u, out, J, n, s, tab):
                 ok = False
                 break
-        if ok:
-            for i in range(n):
-                XBAR[b, i] = lam[i] + GOUT[b, 0, i]
-        else:
-            _failed_adjoint(XBAR, PBAR, b)
+        _finish_adjoint(ok, b, lam, GOUT, XBAR, PBAR)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
@@ -782,35 +809,17 @@ def drive_ode_adjoint_checkpoint_range(residual, residual_jacobian, vjp_params, 
     Zp = np.zeros((s, n))
     xJ = np.empty(n)
     for b in range(lo, hi):
-        for c in range(m):
-            PBAR[b, c] = 0.0
-        if STATUS[b] != 0:
-            for i in range(n):
-                XBAR[b, i] = 0.0
+        if not _start_adjoint(b, P, STATUS, XBAR, PBAR, p, lam):
             continue
-        for c in range(m):
-            p[c] = P[b, c]
-        for i in range(n):
-            lam[i] = 0.0
         nsteps = NSTEP[b]
         nseg = (nsteps + ck - 1) // ck
         ok = True
         for g in range(nseg - 1, -1, -1):
             k0 = g * ck
             k1 = min(k0 + ck, nsteps)
-            crow = CKPT[b, g]
-            for i in range(n):
-                x[i] = crow[i]
-                xJ[i] = crow[n + i]
-            o = 2 * n
-            for j in range(s):
-                for i in range(n):
-                    Zp[j, i] = crow[o + 1 + j * n + i]
-            o += 1 + sn
-            hp = crow[o]
-            have_prev = crow[o + 1] != 0.0
-            if implicit and crow[o + 2] != 0.0:
-                p[0] = crow[2 * n]
+            tJ, hp, have_prev, have_J = _load_checkpoint(CKPT[b, g], x, xJ, Zp, n, s)
+            if implicit and have_J:
+                p[0] = tJ
                 residual_jacobian(xJ, p, F, J, tab)  # the df/dx the forward had in use
             for k in range(k0, k1):
                 t = STORE[b, k, 0]
@@ -863,11 +872,7 @@ def drive_ode_adjoint_checkpoint_range(residual, residual_jacobian, vjp_params, 
                     break
             if not ok:
                 break
-        if ok:
-            for i in range(n):
-                XBAR[b, i] = lam[i] + GOUT[b, 0, i]
-        else:
-            _failed_adjoint(XBAR, PBAR, b)
+        _finish_adjoint(ok, b, lam, GOUT, XBAR, PBAR)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
