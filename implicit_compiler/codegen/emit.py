@@ -551,18 +551,19 @@ def _kernels_factor_pattern(d, pivot_threshold: float, tables: Tables):
     header = np.zeros(la.PT_HEADER_SIZE, dtype=np.int64)
     tables.add(f"sparse elimination ({e.order} order, {e.fill_nnz} stored entries): header", header)
     lptr, lpos = e.lower_columns()
-    uptr, upd = e.update_targets()
+    cptr, cpos = e.columns()
     rows = e.rows
     parts = ((la.PT_RPTR, "RPTR: row pointers of the filled pattern of P A P^T", e.indptr),
              (la.PT_COL, "COL: (permuted) column of each stored entry", e.indices),
              (la.PT_DIAG, "DIAG: position of each diagonal entry", e.diag),
              (la.PT_LCPTR, "LCOL pointers: L's entries by column", lptr),
              (la.PT_LCPOS, "LCOL positions", lpos),
-             (la.PT_UPTR, "UPD pointers: update targets by elimination step", uptr),
-             (la.PT_UPD, "UPD: position updated by each multiply-add", upd),
+             (la.PT_CCPTR, "CCOL pointers: all entries by column", cptr),
+             (la.PT_CCPOS, "CCOL positions (by increasing row)", cpos),
              (la.PT_PERM, "PERM: the unknown eliminated at each step", e.perm),
              (la.PT_ROWO, "ROWO: original row of each stored entry", e.perm[rows]),
-             (la.PT_COLO, "COLO: original column of each stored entry", e.perm[e.indices]))
+             (la.PT_COLO, "COLO: original column of each stored entry", e.perm[e.indices]),
+             (la.PT_ROWP, "ROWP: (permuted) row of each stored entry", rows))
     for slot, name, arr in parts:
         header[slot] = tables.add(name, arr)[0]
     header[la.PT_N] = d.n

@@ -129,25 +129,15 @@ class Elimination:
         np.add.at(ptr, self.indices[pos] + 1, 1)
         return np.cumsum(ptr), pos.astype(np.int64)
 
-    def update_targets(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(ptr, target)``: for column k, for each position ``(i, k)`` of L's column k (in
-        :meth:`lower_columns` order) and each position ``(k, j)`` of U's row k (in storage
-        order), the position of ``(i, j)``; ``ptr[k]`` is where column k's targets start."""
-        lptr, lpos = self.lower_columns()
-        diag = self.diag
+    def columns(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ptr, pos)``: for each permuted column j, the positions of all its entries (U's above
+        the diagonal, the diagonal, L's below), by increasing row: the left-looking elimination's
+        view of the storage (``runtime.linalg.pattern_lu_factor``)."""
         rows = self.rows
-        allkeys = rows * self.n + self.indices
+        order = np.lexsort((rows, self.indices))  # by column, then row
         ptr = np.zeros(self.n + 1, dtype=np.int64)
-        parts = []
-        for k in range(self.n):
-            li = rows[lpos[lptr[k]:lptr[k + 1]]]
-            uj = self.indices[diag[k] + 1:self.indptr[k + 1]]
-            ptr[k + 1] = ptr[k] + li.size * uj.size
-            if li.size and uj.size:
-                parts.append((li[:, None] * self.n + uj[None, :]).ravel())
-        keys = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        target = np.searchsorted(allkeys, keys).astype(np.int64)
-        return ptr, target
+        np.add.at(ptr, self.indices + 1, 1)
+        return np.cumsum(ptr), order.astype(np.int64)
 
     def dense_fill(self) -> np.ndarray:
         """The filled pattern as a dense boolean matrix in the ORIGINAL numbering (small systems only)."""
@@ -157,9 +147,10 @@ class Elimination:
 
 
 def symbolic_elimination(indptr: np.ndarray, indices: np.ndarray, n: int, perm: np.ndarray | None = None,
-                         order: str = "natural") -> Elimination:
+                         order: str = "natural", max_fill: int | None = None) -> Elimination | None:
     """Fill pattern of L+U for elimination of ``P A P^T`` without pivoting (row-merge: row i of
-    L+U is row i of A joined with U's row k for every k in L's row i, taken in increasing k)."""
+    L+U is row i of A joined with U's row k for every k in L's row i, taken in increasing k).
+    ``max_fill``: give up (return None) as soon as the filled pattern has more entries."""
     perm = np.arange(n, dtype=np.int64) if perm is None else np.asarray(perm, dtype=np.int64)
     ip = np.empty(n, dtype=np.int64)
     ip[perm] = np.arange(n)
@@ -190,6 +181,8 @@ def symbolic_elimination(indptr: np.ndarray, indices: np.ndarray, n: int, perm: 
         urows.append([j for j in row if j > r])
         out_idx.extend(row)
         out_ptr.append(len(out_idx))
+        if max_fill is not None and len(out_idx) > max_fill:
+            return None
     return Elimination(n=n, perm=perm, order=order, indptr=np.asarray(out_ptr, dtype=np.int64),
                        indices=np.asarray(out_idx, dtype=np.int64), updates=updates, nnz=nnz)
 
@@ -203,6 +196,75 @@ def rcm_order(indptr: np.ndarray, indices: np.ndarray, n: int) -> np.ndarray:
     S = (A + A.T).tocsr()
     S.sort_indices()
     return np.asarray(reverse_cuthill_mckee(S, symmetric_mode=True), dtype=np.int64)
+
+
+def dense_threshold(n: int) -> int:
+    """Degree above which a node of ``A + A^T`` counts as dense in :func:`minimum_degree_order`."""
+    return max(16, int(10 * np.sqrt(n)))
+
+
+def minimum_degree_order(indptr: np.ndarray, indices: np.ndarray, n: int) -> np.ndarray:
+    """A minimum-degree order of the symmetrised pattern ``A + A^T`` (the fill-reducing order of
+    grids, meshes and other non-banded sparse systems, where a band order leaves a band of fill).
+
+    Each step eliminates a node of least current degree (ties: the lowest index, so the order is
+    deterministic) and joins its neighbours into a clique (the elimination graph). A node with no
+    diagonal entry (a multiplier's row of a KKT system, the normalisation of an eigenproblem) waits
+    until a neighbour's elimination has filled its diagonal. Dense nodes (degree above
+    :func:`dense_threshold`: a border coupling to nearly everything) are set aside and put last.
+
+    Border nodes (dense, or without a diagonal entry) that end the order are then moved before the
+    same number of nodes: eliminated last they would follow the whole block they border, and for a
+    bordered singular block (``L - λD`` at an eigenvalue, a Hessian singular on the constraints'
+    null space) that block is singular and fails its last pivot; eliminated before its last few
+    nodes they meet a block already filled in by the border, which is not singular. (Those last
+    nodes are coupled to nearly everything left, so the move adds little or no fill.)"""
+    import scipy.sparse as sps
+
+    A = sps.csr_matrix((np.ones(indices.size, dtype=np.int8), indices, indptr), shape=(n, n))
+    has_diag = np.asarray(A.diagonal() != 0).copy()
+    S = (A + A.T).tocsr()
+    S.setdiag(0)
+    S.eliminate_zeros()
+    deg0 = np.diff(S.indptr)
+    limit = dense_threshold(n)
+    dense = [int(u) for u in np.flatnonzero(deg0 > limit)]
+    is_dense = deg0 > limit
+    adj = [set() if is_dense[u] else {int(w) for w in S.indices[S.indptr[u]:S.indptr[u + 1]] if not is_dense[w]}
+           for u in range(n)]
+    done = is_dense.copy()
+    heap = [(len(adj[u]), u) for u in range(n) if not done[u] and has_diag[u]]
+    heapq.heapify(heap)
+    waiting = {u for u in range(n) if not done[u] and not has_diag[u]}
+    order: list[int] = []
+    while len(order) < n - len(dense):
+        if not heap:  # only nodes without a diagonal are left: take them as they come
+            u = min(waiting)
+            waiting.discard(u)
+            heap.append((len(adj[u]), u))
+        d, u = heapq.heappop(heap)
+        if done[u] or d != len(adj[u]):
+            continue  # eliminated, or a stale degree
+        done[u] = True
+        order.append(u)
+        nbrs = adj[u]
+        for w in nbrs:
+            aw = adj[w]
+            aw.discard(u)
+            aw |= nbrs
+            aw.discard(w)
+            if w in waiting:  # its diagonal is filled by this elimination
+                waiting.discard(w)
+            heapq.heappush(heap, (len(aw), w))
+        adj[u] = set()
+    order += dense
+    border = is_dense | ~has_diag
+    k = 0
+    while k < n and border[order[n - 1 - k]]:
+        k += 1
+    if 0 < k and 2 * k <= n:
+        order = order[:n - 2 * k] + order[n - k:] + order[n - 2 * k:n - k]
+    return np.asarray(order, dtype=np.int64)
 
 
 def symbolic_lu(pattern: np.ndarray) -> np.ndarray:
@@ -242,14 +304,24 @@ def _acceptable(e: Elimination) -> bool:
 
 
 def candidate_orders(indptr, indices, n) -> list[Elimination]:
-    """The natural order, and (for systems above the unrolled size) reverse Cuthill-McKee."""
-    out = [symbolic_elimination(indptr, indices, n)]
-    # (no fill-in in the natural order: nothing to gain from another)
-    if n >= SPARSE_LOOPS_MIN_N and out[0].fill_nnz > out[0].nnz:
-        perm = rcm_order(indptr, indices, n)
-        if not np.array_equal(perm, np.arange(n)):
-            out.append(symbolic_elimination(indptr, indices, n, perm, "rcm"))
-    return out
+    """The natural order, and (for systems above the unrolled size) reverse Cuthill-McKee and
+    minimum degree. The natural order is left out when it fills in more than the best other one
+    (its analysis stopped there: the fill of a banded order on a grid costs seconds to count)."""
+    nnz = int(indices.size)
+    none = symbolic_elimination(indptr, indices, n, max_fill=nnz)
+    if none is not None:  # no fill-in in the natural order: nothing to gain from another
+        return [none]
+    if n < SPARSE_LOOPS_MIN_N:
+        return [symbolic_elimination(indptr, indices, n)]
+    # minimum degree first: the others' analyses stop once they fill in more than it does
+    md = symbolic_elimination(indptr, indices, n, minimum_degree_order(indptr, indices, n), "minimum degree")
+    best = md.fill_nnz if md.diagonal_full else None
+    perm = rcm_order(indptr, indices, n)
+    rcm = symbolic_elimination(indptr, indices, n, perm, "rcm", max_fill=best)
+    out = ([rcm] if rcm is not None else []) + [md]
+    full = [e.fill_nnz for e in out if e.diagonal_full]
+    natural = symbolic_elimination(indptr, indices, n, max_fill=min(full) if full else None)
+    return ([natural] if natural is not None else []) + out
 
 
 def choose_order(indptr, indices, n) -> Elimination:

@@ -30,6 +30,8 @@ from .linalg import (
     PIV_DENSE_IN_PATTERN,
     PIV_NEEDS_DENSE,
     PIV_SPARSE,
+    PT_CCPOS,
+    PT_CCPTR,
     PT_COL,
     PT_DIAG,
     PT_LCPOS,
@@ -38,10 +40,9 @@ from .linalg import (
     PT_NV,
     PT_PERM,
     PT_PERMUTED,
+    PT_ROWP,
     PT_RPTR,
     PT_THRESHOLD,
-    PT_UPD,
-    PT_UPTR,
     dense_area,
     lu_factor,
     lu_solve,
@@ -191,8 +192,8 @@ def pattern_factor(J, piv, tab):
     if piv[n] == PIV_NEEDS_DENSE:  # sticky: the sample is re-solved with room for dense factors
         return 0.0
     v = J[0]
-    minp = pattern_lu_factor(n, v, tab, tab[PT_RPTR], tab[PT_DIAG], tab[PT_LCPTR], tab[PT_LCPOS], tab[PT_UPTR],
-                             tab[PT_UPD], tab[PT_THRESHOLD] * 1e-9)
+    minp = pattern_lu_factor(n, v, tab, tab[PT_DIAG], tab[PT_LCPTR], tab[PT_LCPOS], tab[PT_CCPTR], tab[PT_CCPOS],
+                             tab[PT_ROWP], tab[PT_THRESHOLD] * 1e-9)
     if minp < 0.0:
         return pattern_factor_dense(J, piv, tab)
     piv[n] = PIV_SPARSE

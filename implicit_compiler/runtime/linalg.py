@@ -328,7 +328,7 @@ def sparse_lu_solve_transpose(n, J, b, lcol_ptr, lcol_idx, ucol_ptr, ucol_idx):
 # elimination order ``perm`` chosen at compile time. The module's table ``tab`` describes it,
 # from ``tab[0]`` on (offsets into ``tab``; see ``codegen.emit._kernels_factor_pattern``):
 PT_N, PT_NV, PT_PERMUTED, PT_THRESHOLD = 0, 1, 2, 3
-PT_RPTR, PT_COL, PT_DIAG, PT_LCPTR, PT_LCPOS, PT_UPTR, PT_UPD, PT_PERM, PT_ROWO, PT_COLO = range(4, 14)
+PT_RPTR, PT_COL, PT_DIAG, PT_LCPTR, PT_LCPOS, PT_CCPTR, PT_CCPOS, PT_PERM, PT_ROWO, PT_COLO, PT_ROWP = range(4, 15)
 PT_HEADER_SIZE = 16
 # ``piv[n]`` says what ``J`` holds: 0 the sparse factors; 2 nothing (a pivot failed and the
 # storage has no room for dense factors: the caller re-solves the sample with room, see
@@ -351,41 +351,62 @@ def dense_area(J, n):
 
 
 @njit(cache=True, inline="always")
-def pattern_lu_factor(n, v, tab, rp, dp, lcp, lcq, up, ud, threshold):
-    """Right-looking elimination in place over the filled pattern (values ``v``), no pivoting;
+def pattern_lu_factor(n, v, tab, dp, lcp, lcq, ccp, ccq, rwp, threshold):
+    """Left-looking elimination in place over the filled pattern (values ``v``), no pivoting;
     leaves L (unit diagonal) below, U above and ``1 / U[k, k]`` on the diagonal. Returns
     ``min_k |U[k, k]|``, or -1.0 when a pivot fails
-    ``|pivot| >= threshold * max |entries below it|`` (or is 0, or NaN is met). The pattern:
-    ``rptr = tab[rp:]``, ``diag = tab[dp:]``, ``lcptr = tab[lcp:]``, ``lcpos = tab[lcq:]``,
-    ``uptr = tab[up:]``, ``upd = tab[ud:]`` (see the table header above)."""
+    ``|pivot| >= threshold * max |entries below it|`` (or is 0, or NaN is met).
+
+    Column j is scattered into a dense work vector by row, updated by the finished columns k of
+    L for every U entry ``(k, j)`` in increasing k, checked, scaled and gathered back. Each entry
+    receives the same updates in the same order as in right-looking elimination (the results are
+    identical), but no table of update targets is needed: the tables are O(fill), not O(work).
+    The pattern: ``diag = tab[dp:]``, ``lcptr = tab[lcp:]`` / ``lcpos = tab[lcq:]`` (L's entries
+    by column), ``ccptr = tab[ccp:]`` / ``ccpos = tab[ccq:]`` (every entry of each column, by
+    increasing row), ``rowp = tab[rwp:]`` (the permuted row of each position); see the table
+    header above."""
     minp = np.inf
-    for k in range(n):
-        dk = tab[dp + k]
-        a = abs(v[dk])
-        lo = tab[lcp + k]
-        hi = tab[lcp + k + 1]
+    x = np.zeros(n)
+    for j in range(n):
+        c0 = tab[ccp + j]
+        c1 = tab[ccp + j + 1]
+        for t in range(c0, c1):
+            p = tab[ccq + t]
+            x[tab[rwp + p]] = v[p]
+        # U's entries of column j, by increasing row k: x[k] is final when k is reached
+        for t in range(c0, c1):
+            k = tab[rwp + tab[ccq + t]]
+            if k >= j:
+                break
+            ukj = x[k]
+            for s in range(tab[lcp + k], tab[lcp + k + 1]):
+                p = tab[lcq + s]
+                x[tab[rwp + p]] -= v[p] * ukj
+        dj = tab[dp + j]
+        a = abs(x[j])
+        lo = tab[lcp + j]
+        hi = tab[lcp + j + 1]
         cmax = 0.0
-        for t in range(lo, hi):
-            x = abs(v[tab[lcq + t]])
-            if not x <= cmax:  # NaN propagates and fails the test below
-                cmax = x
+        for s in range(lo, hi):
+            y = abs(x[tab[rwp + tab[lcq + s]]])
+            if not y <= cmax:  # NaN propagates and fails the test below
+                cmax = y
         if not (a > 0.0 and a >= threshold * cmax):
             return -1.0
         if a < minp:
             minp = a
-        inv = 1.0 / v[dk]
-        v[dk] = inv  # the solves multiply by the reciprocal pivot (no division on their dependency chain)
-        if hi > lo:
-            u0 = dk + 1
-            u1 = tab[rp + k + 1]
-            w = tab[up + k]
-            for t in range(lo, hi):
-                p = tab[lcq + t]
-                v[p] *= inv
-                lik = v[p]
-                for q in range(u0, u1):
-                    v[tab[ud + w]] -= lik * v[q]
-                    w += 1
+        inv = 1.0 / x[j]
+        # gather: U's entries as they are, L's scaled (the solves multiply by the reciprocal
+        # pivot: no division on their dependency chain)
+        for t in range(c0, c1):
+            p = tab[ccq + t]
+            r = tab[rwp + p]
+            if r < j:
+                v[p] = x[r]
+            elif r > j:
+                v[p] = x[r] * inv
+            x[r] = 0.0
+        v[dj] = inv
     return minp
 
 
